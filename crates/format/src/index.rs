@@ -1,0 +1,774 @@
+//! The image index: the merged filesystem tree with per-file chunk lists.
+//!
+//! Encoding (version 1): `"TSRINDEX"` | version u32 LE | body length u64 LE | one zstd
+//! frame holding the postcard encoding of [`Index`]. The encoding is canonical: entries
+//! are in depth-first pre-order with siblings sorted by name bytes, chunks sorted by id,
+//! packs sorted by digest, and hardlink groups point at their first member in that order,
+//! so the same tree always gives the same bytes. See docs/format.md.
+
+use crate::chunker::MAX_CHUNK;
+use crate::pack::check_location;
+use crate::Digest;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+pub const INDEX_MAGIC: &[u8; 8] = b"TSRINDEX";
+pub const INDEX_VERSION: u32 = 1;
+const HEADER_LEN: usize = 20;
+/// Largest decoded index body accepted (bounds memory on hostile input).
+pub const MAX_INDEX_BODY: u64 = 1 << 30;
+const INDEX_ZSTD_LEVEL: i32 = 9;
+
+/// Why an index could not be built or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("index is truncated or not a tessera index (bad header)")]
+    BadHeader,
+    #[error("index format version {0} is not supported (this build reads version {INDEX_VERSION}); upgrade tessera")]
+    Version(u32),
+    #[error("index body of {0} bytes exceeds the limit of {MAX_INDEX_BODY}")]
+    TooLarge(u64),
+    #[error("index body does not decompress: {0}")]
+    Compression(String),
+    #[error("index body does not decode: {0}")]
+    Decode(String),
+    #[error("index is invalid: {0}")]
+    Invalid(String),
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, IndexError> {
+    Err(IndexError::Invalid(msg.into()))
+}
+
+/// Metadata shared by every inode kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Meta {
+    /// Permission bits including setuid, setgid and sticky (`mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Nanoseconds part of the modification time (< 1e9).
+    pub mtime_nsec: u32,
+    /// Extended attributes sorted by name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The content of a regular file: its size and its chunks (indices into [`Index::chunks`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileData {
+    pub size: u64,
+    pub chunks: Vec<u32>,
+}
+
+/// What an index entry is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Node {
+    Dir(Meta),
+    File(Meta, FileData),
+    Symlink(Meta, Vec<u8>),
+    /// Character device with its `rdev` (Linux encoding of major/minor).
+    CharDev(Meta, u64),
+    BlockDev(Meta, u64),
+    Fifo(Meta),
+    Socket(Meta),
+    /// Another name for the inode of an earlier (non-directory) entry.
+    HardLink(u32),
+}
+
+/// One name in the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Index of the parent directory entry (0, the root, for itself).
+    pub parent: u32,
+    /// Name bytes (empty only for the root). Any bytes but `/` and NUL.
+    pub name: Vec<u8>,
+    pub node: Node,
+}
+
+/// Where a chunk is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkLoc {
+    pub id: Digest,
+    /// Index into [`Index::packs`].
+    pub pack: u32,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub len: u32,
+    pub raw: bool,
+}
+
+/// A decoded, validated index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    pub packs: Vec<Digest>,
+    pub chunks: Vec<ChunkLoc>,
+    pub entries: Vec<Entry>,
+}
+
+impl Index {
+    /// Canonical bytes of this index.
+    pub fn encode(&self) -> Result<Vec<u8>, IndexError> {
+        let body = postcard::to_stdvec(self).map_err(|e| IndexError::Decode(e.to_string()))?;
+        let frame = zstd::bulk::compress(&body, INDEX_ZSTD_LEVEL)
+            .map_err(|e| IndexError::Compression(e.to_string()))?;
+        let mut out = Vec::with_capacity(HEADER_LEN + frame.len());
+        out.extend_from_slice(INDEX_MAGIC);
+        out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&frame);
+        Ok(out)
+    }
+
+    /// Decode and validate untrusted bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Index, IndexError> {
+        if bytes.len() < HEADER_LEN || &bytes[0..8] != INDEX_MAGIC {
+            return Err(IndexError::BadHeader);
+        }
+        let mut v = [0u8; 4];
+        v.copy_from_slice(&bytes[8..12]);
+        let version = u32::from_le_bytes(v);
+        if version != INDEX_VERSION {
+            return Err(IndexError::Version(version));
+        }
+        let mut l = [0u8; 8];
+        l.copy_from_slice(&bytes[12..20]);
+        let body_len = u64::from_le_bytes(l);
+        if body_len > MAX_INDEX_BODY {
+            return Err(IndexError::TooLarge(body_len));
+        }
+        let body = zstd::bulk::decompress(&bytes[HEADER_LEN..], body_len as usize)
+            .map_err(|e| IndexError::Compression(e.to_string()))?;
+        if body.len() as u64 != body_len {
+            return Err(IndexError::Compression(format!(
+                "body is {} bytes, header says {body_len}",
+                body.len()
+            )));
+        }
+        let (index, rest): (Index, &[u8]) =
+            postcard::take_from_bytes(&body).map_err(|e| IndexError::Decode(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(IndexError::Decode(format!("{} trailing bytes", rest.len())));
+        }
+        index.validate()?;
+        Ok(index)
+    }
+
+    /// Check every structural rule of the format (see docs/format.md).
+    pub fn validate(&self) -> Result<(), IndexError> {
+        if self.packs.len() > u32::MAX as usize || self.chunks.len() > u32::MAX as usize {
+            return invalid("too many packs or chunks");
+        }
+        if self.packs.windows(2).any(|w| w[0] >= w[1]) {
+            return invalid("pack list is not strictly sorted");
+        }
+        if self.chunks.windows(2).any(|w| w[0].id >= w[1].id) {
+            return invalid("chunk list is not strictly sorted by id");
+        }
+        for c in &self.chunks {
+            if c.pack as usize >= self.packs.len() {
+                return invalid(format!(
+                    "chunk {} refers to pack {} of {}",
+                    c.id,
+                    c.pack,
+                    self.packs.len()
+                ));
+            }
+            check_location(c.stored_len, c.len, c.raw)
+                .map_err(|e| IndexError::Invalid(format!("chunk {}: {e}", c.id)))?;
+            if c.offset.checked_add(c.stored_len as u64).is_none() {
+                return invalid("chunk offset overflows");
+            }
+        }
+        let Some(root) = self.entries.first() else {
+            return invalid("no root entry");
+        };
+        if root.parent != 0 || !root.name.is_empty() || !matches!(root.node, Node::Dir(_)) {
+            return invalid("entry 0 must be the root directory with an empty name");
+        }
+        // Pre-order check: the parent of each entry must be on the stack of open dirs,
+        // and siblings must be strictly increasing by name.
+        let mut stack: Vec<(u32, Option<&[u8]>)> = vec![(0, None)];
+        for (i, e) in self.entries.iter().enumerate().skip(1) {
+            let i32_ = i as u32;
+            if e.name.is_empty()
+                || e.name.contains(&b'/')
+                || e.name.contains(&0)
+                || e.name == b"."
+                || e.name == b".."
+            {
+                return invalid(format!(
+                    "entry {i} has an invalid name {:?}",
+                    String::from_utf8_lossy(&e.name)
+                ));
+            }
+            while let Some(&(top, _)) = stack.last() {
+                if top == e.parent {
+                    break;
+                }
+                stack.pop();
+            }
+            let Some(last) = stack.last_mut() else {
+                return invalid(format!(
+                    "entry {i} is not in depth-first order under its parent"
+                ));
+            };
+            if let Some(prev) = last.1 {
+                if prev >= e.name.as_slice() {
+                    return invalid(format!("entry {i} is out of order among its siblings"));
+                }
+            }
+            last.1 = Some(&e.name);
+            if let Some(meta) = e.meta() {
+                if meta.mode & !0o7777 != 0 || meta.mtime_nsec >= 1_000_000_000 {
+                    return invalid(format!("entry {i} has an invalid mode or time"));
+                }
+                if meta.xattrs.windows(2).any(|w| w[0].0 >= w[1].0) {
+                    return invalid(format!("entry {i} has unsorted or duplicate xattrs"));
+                }
+            }
+            match &e.node {
+                Node::Dir(_) => stack.push((i32_, None)),
+                Node::File(_, f) => {
+                    let mut total = 0u64;
+                    for &c in &f.chunks {
+                        let Some(loc) = self.chunks.get(c as usize) else {
+                            return invalid(format!(
+                                "entry {i} refers to chunk {c} of {}",
+                                self.chunks.len()
+                            ));
+                        };
+                        total += loc.len as u64;
+                    }
+                    if total != f.size {
+                        return invalid(format!(
+                            "entry {i}: size {} but its chunks hold {total} bytes",
+                            f.size
+                        ));
+                    }
+                }
+                Node::HardLink(t) => {
+                    if *t as usize >= i
+                        || matches!(
+                            self.entries[*t as usize].node,
+                            Node::Dir(_) | Node::HardLink(_)
+                        )
+                    {
+                        return invalid(format!("entry {i}: hardlink to {t}, which is not an earlier non-directory inode"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Metadata of an entry, following a hardlink to its inode.
+    pub fn meta(&self, i: usize) -> Option<&Meta> {
+        let e = self.entries.get(i)?;
+        match &e.node {
+            Node::HardLink(t) => self.entries.get(*t as usize)?.meta(),
+            _ => e.meta(),
+        }
+    }
+
+    /// The inode entry an entry names (itself unless it is a hardlink).
+    pub fn inode_entry(&self, i: usize) -> usize {
+        match self.entries.get(i).map(|e| &e.node) {
+            Some(Node::HardLink(t)) => *t as usize,
+            _ => i,
+        }
+    }
+
+    /// Path of entry `i` relative to the root, as components.
+    pub fn path_components(&self, mut i: usize) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        while i != 0 {
+            let e = &self.entries[i];
+            out.push(e.name.as_slice());
+            i = e.parent as usize;
+        }
+        out.reverse();
+        out
+    }
+
+    /// Path of entry `i` as `a/b/c` bytes (empty for the root).
+    pub fn path(&self, i: usize) -> Vec<u8> {
+        self.path_components(i).join(&b'/')
+    }
+
+    /// Total uncompressed bytes of regular files (each inode counted once).
+    pub fn file_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| match &e.node {
+                Node::File(_, f) => f.size,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+impl Entry {
+    /// Metadata of this entry unless it is a hardlink.
+    pub fn meta(&self) -> Option<&Meta> {
+        match &self.node {
+            Node::Dir(m)
+            | Node::File(m, _)
+            | Node::Symlink(m, _)
+            | Node::CharDev(m, _)
+            | Node::BlockDev(m, _)
+            | Node::Fifo(m)
+            | Node::Socket(m) => Some(m),
+            Node::HardLink(_) => None,
+        }
+    }
+}
+
+/// Chunk offsets of one file, for O(log n) lookup of the chunk holding a file offset.
+#[derive(Debug, Clone)]
+pub struct FileMap {
+    /// `starts[k]` = offset in the file of chunk k; `starts[n]` = file size.
+    starts: Vec<u64>,
+}
+
+impl FileMap {
+    pub fn new(index: &Index, file: &FileData) -> FileMap {
+        let mut starts = Vec::with_capacity(file.chunks.len() + 1);
+        let mut off = 0u64;
+        for &c in &file.chunks {
+            starts.push(off);
+            off += index.chunks[c as usize].len as u64;
+        }
+        starts.push(off);
+        FileMap { starts }
+    }
+    /// The chunk (position in the file's list) holding byte `offset`, and where it starts.
+    pub fn locate(&self, offset: u64) -> Option<(usize, u64)> {
+        let n = self.starts.len() - 1;
+        if offset >= self.starts[n] {
+            return None;
+        }
+        let k = self.starts.partition_point(|&s| s <= offset) - 1;
+        Some((k, self.starts[k]))
+    }
+}
+
+/// A node of a tree being built (paths are component lists).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeNode {
+    pub meta: Meta,
+    pub kind: TreeKind,
+    /// Nodes with the same group are hardlinks of one inode.
+    pub link_group: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreeKind {
+    Dir,
+    File { size: u64, chunks: Vec<Digest> },
+    Symlink(Vec<u8>),
+    CharDev(u64),
+    BlockDev(u64),
+    Fifo,
+    Socket,
+}
+
+/// Where a chunk is stored, by pack digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StoredChunk {
+    pub pack: Digest,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub len: u32,
+    pub raw: bool,
+}
+
+/// Build the canonical index of a tree. `tree` is keyed by path components (its
+/// BTreeMap order is exactly the canonical pre-order); the root (`[]`) may be absent.
+pub fn build_index(
+    tree: &BTreeMap<Vec<Vec<u8>>, TreeNode>,
+    locations: &dyn Fn(&Digest) -> Option<StoredChunk>,
+) -> Result<Index, IndexError> {
+    // Collect chunks and packs first, so their indices are canonical.
+    let mut chunk_set: BTreeMap<Digest, StoredChunk> = BTreeMap::new();
+    for (path, node) in tree {
+        if let TreeKind::File { chunks, .. } = &node.kind {
+            for id in chunks {
+                if !chunk_set.contains_key(id) {
+                    let loc = locations(id).ok_or_else(|| {
+                        IndexError::Invalid(format!(
+                            "no stored location for chunk {id} of {}",
+                            show(path)
+                        ))
+                    })?;
+                    chunk_set.insert(*id, loc);
+                }
+            }
+        }
+    }
+    let packs: Vec<Digest> = chunk_set
+        .values()
+        .map(|l| l.pack)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let pack_idx: HashMap<Digest, u32> = packs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (*d, i as u32))
+        .collect();
+    let mut chunk_idx: HashMap<Digest, u32> = HashMap::with_capacity(chunk_set.len());
+    let mut chunks = Vec::with_capacity(chunk_set.len());
+    for (i, (id, l)) in chunk_set.iter().enumerate() {
+        chunk_idx.insert(*id, i as u32);
+        chunks.push(ChunkLoc {
+            id: *id,
+            pack: pack_idx[&l.pack],
+            offset: l.offset,
+            stored_len: l.stored_len,
+            len: l.len,
+            raw: l.raw,
+        });
+    }
+
+    let default_root = TreeNode {
+        meta: Meta {
+            mode: 0o755,
+            ..Meta::default()
+        },
+        kind: TreeKind::Dir,
+        link_group: None,
+    };
+    let root_node = tree.get(&Vec::new()).unwrap_or(&default_root);
+    let mut entries = Vec::with_capacity(tree.len() + 1);
+    let mut by_path: HashMap<&[Vec<u8>], u32> = HashMap::with_capacity(tree.len() + 1);
+    let mut groups: HashMap<u64, u32> = HashMap::new();
+    entries.push(Entry {
+        parent: 0,
+        name: Vec::new(),
+        node: to_node(root_node, &chunk_idx),
+    });
+    by_path.insert(&[], 0);
+    for (path, node) in tree {
+        let Some((name, parent_path)) = path.split_last() else {
+            continue;
+        };
+        let parent = *by_path.get(parent_path).ok_or_else(|| {
+            IndexError::Invalid(format!("{} has no parent directory", show(path)))
+        })?;
+        if !matches!(entries[parent as usize].node, Node::Dir(_)) {
+            return invalid(format!("parent of {} is not a directory", show(path)));
+        }
+        let i = entries.len() as u32;
+        let n = match node.link_group {
+            Some(g) if !matches!(node.kind, TreeKind::Dir) => match groups.get(&g) {
+                Some(&first) => Node::HardLink(first),
+                None => {
+                    groups.insert(g, i);
+                    to_node(node, &chunk_idx)
+                }
+            },
+            _ => to_node(node, &chunk_idx),
+        };
+        entries.push(Entry {
+            parent,
+            name: name.clone(),
+            node: n,
+        });
+        by_path.insert(path.as_slice(), i);
+    }
+    let mut index = Index {
+        packs,
+        chunks,
+        entries,
+    };
+    for e in &mut index.entries {
+        if let Node::Dir(m)
+        | Node::File(m, _)
+        | Node::Symlink(m, _)
+        | Node::CharDev(m, _)
+        | Node::BlockDev(m, _)
+        | Node::Fifo(m)
+        | Node::Socket(m) = &mut e.node
+        {
+            m.xattrs.sort();
+            m.xattrs.dedup_by(|a, b| a.0 == b.0);
+        }
+    }
+    index.validate()?;
+    Ok(index)
+}
+
+fn to_node(n: &TreeNode, chunk_idx: &HashMap<Digest, u32>) -> Node {
+    let m = n.meta.clone();
+    match &n.kind {
+        TreeKind::Dir => Node::Dir(m),
+        TreeKind::File { size, chunks } => Node::File(
+            m,
+            FileData {
+                size: *size,
+                chunks: chunks.iter().map(|c| chunk_idx[c]).collect(),
+            },
+        ),
+        TreeKind::Symlink(t) => Node::Symlink(m, t.clone()),
+        TreeKind::CharDev(r) => Node::CharDev(m, *r),
+        TreeKind::BlockDev(r) => Node::BlockDev(m, *r),
+        TreeKind::Fifo => Node::Fifo(m),
+        TreeKind::Socket => Node::Socket(m),
+    }
+}
+
+/// A path as text for messages.
+pub fn show(path: &[Vec<u8>]) -> String {
+    if path.is_empty() {
+        return "/".into();
+    }
+    String::from_utf8_lossy(&path.join(&b'/')).into_owned()
+}
+
+/// Largest chunk length a file may have (re-exported for decoders).
+pub const MAX_CHUNK_LEN: usize = MAX_CHUNK;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn meta(mode: u32) -> Meta {
+        Meta {
+            mode,
+            uid: 1,
+            gid: 2,
+            mtime: 1_700_000_000,
+            mtime_nsec: 5,
+            xattrs: vec![],
+        }
+    }
+
+    fn sample() -> (
+        BTreeMap<Vec<Vec<u8>>, TreeNode>,
+        HashMap<Digest, StoredChunk>,
+    ) {
+        let c1 = Digest::of(b"one");
+        let c2 = Digest::of(b"two");
+        let pack = Digest::of(b"pack");
+        let mut locs = HashMap::new();
+        locs.insert(
+            c1,
+            StoredChunk {
+                pack,
+                offset: 0,
+                stored_len: 3,
+                len: 3,
+                raw: true,
+            },
+        );
+        locs.insert(
+            c2,
+            StoredChunk {
+                pack,
+                offset: 3,
+                stored_len: 3,
+                len: 3,
+                raw: true,
+            },
+        );
+        let mut t = BTreeMap::new();
+        let p = |s: &str| {
+            s.split('/')
+                .map(|c| c.as_bytes().to_vec())
+                .collect::<Vec<_>>()
+        };
+        t.insert(
+            vec![],
+            TreeNode {
+                meta: meta(0o755),
+                kind: TreeKind::Dir,
+                link_group: None,
+            },
+        );
+        t.insert(
+            p("a"),
+            TreeNode {
+                meta: meta(0o755),
+                kind: TreeKind::Dir,
+                link_group: None,
+            },
+        );
+        t.insert(
+            p("a/f"),
+            TreeNode {
+                meta: meta(0o4755),
+                kind: TreeKind::File {
+                    size: 6,
+                    chunks: vec![c1, c2],
+                },
+                link_group: Some(1),
+            },
+        );
+        t.insert(
+            p("a.b"),
+            TreeNode {
+                meta: meta(0o644),
+                kind: TreeKind::File {
+                    size: 6,
+                    chunks: vec![c1, c2],
+                },
+                link_group: Some(1),
+            },
+        );
+        t.insert(
+            p("dev"),
+            TreeNode {
+                meta: meta(0o600),
+                kind: TreeKind::CharDev(0x0501),
+                link_group: None,
+            },
+        );
+        let mut x = meta(0o777);
+        x.xattrs = vec![
+            (b"user.z".to_vec(), b"1".to_vec()),
+            (b"security.capability".to_vec(), vec![1, 0, 0, 2]),
+        ];
+        t.insert(
+            vec![b"l\xff".to_vec()],
+            TreeNode {
+                meta: x,
+                kind: TreeKind::Symlink(b"a/f".to_vec()),
+                link_group: None,
+            },
+        );
+        t.insert(
+            p("e"),
+            TreeNode {
+                meta: meta(0o644),
+                kind: TreeKind::File {
+                    size: 0,
+                    chunks: vec![],
+                },
+                link_group: None,
+            },
+        );
+        (t, locs)
+    }
+
+    #[test]
+    fn build_encode_decode() {
+        let (t, locs) = sample();
+        let idx = build_index(&t, &|d| locs.get(d).copied()).unwrap();
+        // DFS order: a, a/f, a.b (hardlink to a/f), dev, e, l\xff
+        let names: Vec<Vec<u8>> = (0..idx.entries.len()).map(|i| idx.path(i)).collect();
+        assert_eq!(
+            names,
+            vec![
+                b"".to_vec(),
+                b"a".to_vec(),
+                b"a/f".to_vec(),
+                b"a.b".to_vec(),
+                b"dev".to_vec(),
+                b"e".to_vec(),
+                b"l\xff".to_vec()
+            ]
+        );
+        assert_eq!(idx.entries[3].node, Node::HardLink(2));
+        let bytes = idx.encode().unwrap();
+        let back = Index::decode(&bytes).unwrap();
+        assert_eq!(back, idx);
+        assert_eq!(back.encode().unwrap(), bytes, "encoding is canonical");
+        let Node::File(_, f) = &idx.entries[2].node else {
+            panic!()
+        };
+        let fm = FileMap::new(&idx, f);
+        assert_eq!(fm.locate(0), Some((0, 0)));
+        assert_eq!(fm.locate(4), Some((1, 3)));
+        assert_eq!(fm.locate(6), None);
+    }
+
+    #[test]
+    fn rejects_structural_errors() {
+        let (t, locs) = sample();
+        let idx = build_index(&t, &|d| locs.get(d).copied()).unwrap();
+        let mut bad = idx.clone();
+        bad.entries.swap(4, 5);
+        assert!(bad.validate().is_err(), "sibling order");
+        let mut bad = idx.clone();
+        bad.entries[3].node = Node::HardLink(5);
+        assert!(bad.validate().is_err(), "forward hardlink");
+        let mut bad = idx.clone();
+        bad.entries[2].parent = 6;
+        assert!(bad.validate().is_err(), "parent not a dir");
+        let mut bad = idx.clone();
+        bad.entries[1].name = b"x/y".to_vec();
+        assert!(bad.validate().is_err(), "slash in name");
+        let mut bad = idx.clone();
+        if let Node::File(_, f) = &mut bad.entries[2].node {
+            f.size = 7;
+        }
+        assert!(bad.validate().is_err(), "size mismatch");
+        let bytes = idx.encode().unwrap();
+        for cut in [0, 5, 19, 20, bytes.len() - 1] {
+            assert!(Index::decode(&bytes[..cut]).is_err());
+        }
+        let mut v = bytes.clone();
+        v[8] = 9;
+        assert!(matches!(Index::decode(&v), Err(IndexError::Version(9))));
+    }
+
+    #[test]
+    fn missing_parent_is_an_error() {
+        let mut t = BTreeMap::new();
+        t.insert(
+            vec![b"a".to_vec(), b"b".to_vec()],
+            TreeNode {
+                meta: meta(0o644),
+                kind: TreeKind::Fifo,
+                link_group: None,
+            },
+        );
+        assert!(build_index(&t, &|_| None).is_err());
+    }
+
+    fn arb_name() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(1u8..=255, 1..6).prop_filter("no slash or dots", |n| {
+            !n.contains(&b'/') && n != b"." && n != b".."
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn prop_round_trip(names in proptest::collection::vec((arb_name(), arb_name(), 0u8..5, any::<u32>(), any::<i64>()), 0..30)) {
+            let c = Digest::of(b"c");
+            let pack = Digest::of(b"p");
+            let mut t = BTreeMap::new();
+            for (d, n, k, id, mt) in names {
+                t.insert(vec![d.clone()], TreeNode { meta: Meta::default(), kind: TreeKind::Dir, link_group: None });
+                let kind = match k {
+                    0 => TreeKind::File { size: 1, chunks: vec![c] },
+                    1 => TreeKind::Symlink(n.clone()),
+                    2 => TreeKind::BlockDev(id as u64),
+                    3 => TreeKind::Dir,
+                    _ => TreeKind::Fifo,
+                };
+                let meta = Meta { mode: id & 0o7777, uid: id, gid: id / 3, mtime: mt, mtime_nsec: id % 1_000_000_000, xattrs: vec![(n.clone(), d.clone())] };
+                t.insert(vec![d, n], TreeNode { meta, kind, link_group: if k == 0 { Some(7) } else { None } });
+            }
+            let idx = build_index(&t, &|_| Some(StoredChunk { pack, offset: 0, stored_len: 1, len: 1, raw: true })).unwrap();
+            let bytes = idx.encode().unwrap();
+            let back = Index::decode(&bytes).unwrap();
+            prop_assert_eq!(&back, &idx);
+            prop_assert_eq!(back.encode().unwrap(), bytes);
+        }
+
+        #[test]
+        fn prop_garbage_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Index::decode(&bytes);
+            if bytes.len() >= 20 {
+                bytes[..8].copy_from_slice(INDEX_MAGIC);
+                bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+                let _ = Index::decode(&bytes);
+            }
+        }
+    }
+}

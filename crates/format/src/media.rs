@@ -1,0 +1,56 @@
+//! Media types and annotation keys of tessera images (documented in docs/format.md).
+
+/// `artifactType` of a tessera image manifest.
+pub const ARTIFACT_TYPE: &str = "application/vnd.tessera.image.v1";
+/// Media type of the index layer.
+pub const INDEX_MEDIA_TYPE: &str = "application/vnd.tessera.index.v1";
+/// Media type of a pack layer.
+pub const PACK_MEDIA_TYPE: &str = "application/vnd.tessera.pack.v1";
+
+/// Manifest annotation: format version.
+pub const ANN_FORMAT_VERSION: &str = "io.tessera.format.version";
+/// Manifest annotation: chunker parameters, e.g. `fastcdc2020:16384:65536:262144`.
+pub const ANN_CHUNKER: &str = "io.tessera.chunker";
+/// Index descriptor annotation: number of entries in the tree.
+pub const ANN_ENTRIES: &str = "io.tessera.index.entries";
+/// Index descriptor annotation: total uncompressed bytes of regular files.
+pub const ANN_FILE_BYTES: &str = "io.tessera.index.file-bytes";
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+pub const OCI_LAYER_NONDIST_TAR: &str = "application/vnd.oci.image.layer.nondistributable.v1.tar";
+pub const OCI_LAYER_NONDIST_GZIP: &str =
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip";
+pub const OCI_LAYER_NONDIST_ZSTD: &str =
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+pub const DOCKER_LAYER_FOREIGN_GZIP: &str =
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+
+/// How a layer blob is compressed, from its media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerCompression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// The compression of a layer media type, or `None` when it is not a layer type we read.
+pub fn layer_compression(media_type: &str) -> Option<LayerCompression> {
+    match media_type {
+        OCI_LAYER_TAR | OCI_LAYER_NONDIST_TAR | DOCKER_LAYER_TAR => Some(LayerCompression::None),
+        OCI_LAYER_GZIP | OCI_LAYER_NONDIST_GZIP | DOCKER_LAYER_GZIP | DOCKER_LAYER_FOREIGN_GZIP => {
+            Some(LayerCompression::Gzip)
+        }
+        OCI_LAYER_ZSTD | OCI_LAYER_NONDIST_ZSTD => Some(LayerCompression::Zstd),
+        _ => None,
+    }
+}
