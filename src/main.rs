@@ -1,1 +1,411 @@
-fn main() {}
+//! `tessera`: the command-line front end. Thin glue over the library crates.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use tessera_convert::{Converter, Dictionary, Options as ConvertOptions};
+use tessera_image::TesseraImage;
+use tessera_oci::registry::ClientOptions;
+use tessera_oci::{ImageRef, Store};
+
+const REFS_HELP: &str = "Image references:
+  HOST[:PORT]/REPO[:TAG|@DIGEST]   a registry (plain HTTP for loopback hosts or with --plain-http)
+  oci:DIR[:TAG]                    an OCI image layout directory
+  docker-archive:FILE              a `docker save` tarball (source only)";
+
+#[derive(Parser)]
+#[command(name = "tessera", version, about = "Container images as content-addressed chunks", after_help = REFS_HELP)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Never draw progress bars.
+    #[arg(long, global = true)]
+    no_progress: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Clone)]
+struct RegistryArgs {
+    /// Use plain HTTP for registries that are not on loopback.
+    #[arg(long)]
+    plain_http: bool,
+    /// Registry credentials USER:PASSWORD (default: ~/.docker/config.json).
+    #[arg(long, value_name = "USER:PASSWORD")]
+    creds: Option<String>,
+    /// Platform to pick from a multi-platform image (os/arch).
+    #[arg(long)]
+    platform: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert an OCI image into a tessera image.
+    #[command(after_help = "Examples:
+  tessera convert oci:./layout:app oci:./out:app
+  tessera convert docker-archive:app.tar localhost:5000/app:tessera
+  tessera convert localhost:5000/app:v2 localhost:5000/app:v2-tessera --dedup-with localhost:5000/app:v1-tessera
+
+SRC and DST are image references (see `tessera --help`).")]
+    Convert {
+        src: String,
+        dst: String,
+        /// Reuse chunks already stored by these tessera images (repeatable).
+        #[arg(long, value_name = "REF")]
+        dedup_with: Vec<String>,
+        /// zstd level for chunks.
+        #[arg(long, default_value_t = tessera_format::pack::DEFAULT_ZSTD_LEVEL)]
+        zstd_level: i32,
+        /// Worker threads for hashing and compression (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Directory for the converted-layer cache (default: $XDG_CACHE_HOME/tessera).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Do not use or fill the converted-layer cache.
+        #[arg(long)]
+        no_cache: bool,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
+    /// Write the root filesystem of a tessera image into DIR, verifying every chunk.
+    #[command(after_help = "Examples:
+  tessera unpack oci:./out:app ./rootfs
+  tessera unpack localhost:5000/app:tessera /var/tmp/app-rootfs")]
+    Unpack {
+        reference: String,
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
+    /// Summarize a tessera image: files, chunks, unique bytes, packs, dedup.
+    #[command(after_help = "Examples:
+  tessera inspect oci:./out:app
+  tessera inspect localhost:5000/app:v2-tessera --dedup-with localhost:5000/app:v1-tessera --json")]
+    Inspect {
+        reference: String,
+        /// Report how many chunks these tessera images already hold.
+        #[arg(long, value_name = "REF")]
+        dedup_with: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
+    /// Compare two directory trees (content, type, mode, owner, mtime, xattrs, links).
+    #[command(
+        name = "diff-tree",
+        after_help = "Exit status: 0 when equal, 1 when they differ.
+
+Example:
+  tessera diff-tree ./rootfs-umoci ./rootfs-tessera --ignore-root-metadata"
+    )]
+    DiffTree {
+        left: PathBuf,
+        right: PathBuf,
+        #[arg(long)]
+        ignore_root_metadata: bool,
+        #[arg(long)]
+        ignore_dir_mtime: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(cli: &Cli) {
+    let default = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn progress(cli: &Cli) -> MultiProgress {
+    if cli.no_progress || !std::io::stderr().is_terminal() {
+        MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
+    } else {
+        MultiProgress::new()
+    }
+}
+
+fn client_opts(reg: &RegistryArgs) -> ClientOptions {
+    ClientOptions {
+        creds: reg.creds.clone(),
+        docker_config: None,
+    }
+}
+
+fn open(reference: &str, reg: &RegistryArgs) -> Result<(Box<dyn Store>, String)> {
+    let r = ImageRef::parse(reference, reg.plain_http)?;
+    let (store, tag) =
+        tessera_oci::open(&r, &client_opts(reg)).with_context(|| format!("opening {reference}"))?;
+    Ok((store, tag.unwrap_or_default()))
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("tessera"))
+}
+
+fn load_dictionary(refs: &[String], reg: &RegistryArgs) -> Result<Dictionary> {
+    let mut dict = Dictionary::new();
+    for r in refs {
+        let (store, tag) = open(r, reg)?;
+        let n = dict
+            .add_image(store, &tag)
+            .with_context(|| format!("loading chunk dictionary from {r}"))?;
+        tracing::info!(image = %r, chunks = n, "chunk dictionary loaded");
+    }
+    Ok(dict)
+}
+
+fn mb(n: u64) -> String {
+    format!("{:.1} MB", n as f64 / 1e6)
+}
+
+fn run(cli: &Cli) -> Result<i32> {
+    match &cli.cmd {
+        Cmd::Convert {
+            src,
+            dst,
+            dedup_with,
+            zstd_level,
+            threads,
+            cache_dir,
+            no_cache,
+            json,
+            reg,
+        } => {
+            let (src_store, src_tag) = open(src, reg)?;
+            let dst_ref = ImageRef::parse(dst, reg.plain_http)?;
+            if matches!(dst_ref, ImageRef::DockerArchive { .. }) {
+                bail!("docker-archive is only supported as a source: write to a registry or oci:DIR[:TAG]");
+            }
+            let (dst_store, dst_tag) = open(dst, reg)?;
+            let dst_tag = if dst_tag.is_empty() {
+                "latest".to_string()
+            } else {
+                dst_tag
+            };
+            if dst_tag.parse::<tessera_format::Digest>().is_ok() {
+                bail!("the destination must be a tag, not a digest: the digest of the converted image is not known in advance");
+            }
+            let mut dict = load_dictionary(dedup_with, reg)?;
+            let mut opts = ConvertOptions {
+                zstd_level: *zstd_level,
+                platform: reg.platform.clone(),
+                ..ConvertOptions::default()
+            };
+            if let Some(t) = threads {
+                opts.threads = (*t).max(1);
+            }
+            opts.cache_dir = if *no_cache {
+                None
+            } else {
+                cache_dir.clone().or_else(default_cache_dir)
+            };
+            let mut conv = Converter {
+                src: src_store.as_ref(),
+                dst: dst_store.as_ref(),
+                dict: &mut dict,
+                opts,
+                progress: progress(cli),
+            };
+            let report = conv
+                .convert(&src_tag, Some(&dst_tag))
+                .with_context(|| format!("converting {src} to {dst}"))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for i in &report.images {
+                    let plat = i
+                        .platform
+                        .as_deref()
+                        .map(|p| format!(" [{p}]"))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "converted{plat}: {} layers ({} cached), {} entries, {} of files in {} chunks; new: {} chunks, {} → {} stored; index {}; {:.1}s ({:.0} MB/s)",
+                        i.layers,
+                        i.layers_from_cache,
+                        i.entries,
+                        mb(i.file_bytes),
+                        i.chunks,
+                        i.new_chunks,
+                        mb(i.new_bytes),
+                        mb(i.new_stored_bytes),
+                        mb(i.index_bytes),
+                        i.seconds,
+                        i.tar_bytes as f64 / 1e6 / i.seconds.max(1e-9)
+                    );
+                }
+                println!("{dst} {}", report.digest);
+            }
+            Ok(0)
+        }
+        Cmd::Unpack {
+            reference,
+            dir,
+            json,
+            reg,
+        } => {
+            let (store, tag) = open(reference, reg)?;
+            let platform = reg
+                .platform
+                .clone()
+                .unwrap_or_else(tessera_image::default_platform);
+            let img = TesseraImage::open(store.as_ref(), &tag, &platform)
+                .with_context(|| format!("opening {reference}"))?;
+            let mp = progress(cli);
+            let bar = mp.add(ProgressBar::new(0));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} unpacking [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )?
+                .progress_chars("=> "),
+            );
+            let rep = tessera_image::unpack::unpack(&img, store.as_ref(), dir, &bar)
+                .with_context(|| format!("unpacking {reference} into {}", dir.display()))?;
+            bar.finish_and_clear();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                eprintln!(
+                    "unpacked {} entries ({} files, {}) into {}",
+                    rep.entries,
+                    rep.files,
+                    mb(rep.file_bytes),
+                    dir.display()
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Inspect {
+            reference,
+            dedup_with,
+            json,
+            reg,
+        } => {
+            let (store, tag) = open(reference, reg)?;
+            let platform = reg
+                .platform
+                .clone()
+                .unwrap_or_else(tessera_image::default_platform);
+            let img = TesseraImage::open(store.as_ref(), &tag, &platform)
+                .with_context(|| format!("opening {reference}"))?;
+            let dict = load_dictionary(dedup_with, reg)?;
+            let set: Option<HashSet<tessera_format::Digest>> =
+                (!dedup_with.is_empty()).then(|| dict.chunk_ids().copied().collect());
+            let s = tessera_image::inspect::summarize(&img, set.as_ref());
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("manifest      {}", s.manifest);
+                println!("subject       {}", s.subject.as_deref().unwrap_or("-"));
+                println!(
+                    "index         {} ({} bytes, {:.1} bytes/entry)",
+                    s.index_digest, s.index_bytes, s.index_bytes_per_entry
+                );
+                println!(
+                    "entries       {} ({} dirs, {} files, {} symlinks, {} hardlinks, {} other)",
+                    s.entries, s.directories, s.files, s.symlinks, s.hardlinks, s.other
+                );
+                println!("file bytes    {}", mb(s.file_bytes));
+                println!(
+                    "chunks        {} distinct of {} references",
+                    s.chunks, s.chunk_refs
+                );
+                println!(
+                    "unique bytes  {} ({} stored, ratio {:.2})",
+                    mb(s.unique_bytes),
+                    mb(s.stored_bytes),
+                    s.unique_bytes as f64 / s.stored_bytes.max(1) as f64
+                );
+                println!("packs         {}", s.packs.len());
+                for p in &s.packs {
+                    println!(
+                        "  {} {:>10} bytes, {} chunks used",
+                        p.digest, p.size, p.chunks_used
+                    );
+                }
+                if let Some(d) = &s.dictionary {
+                    println!(
+                        "dictionary    {} chunks ({}) shared, {} chunks ({}) new",
+                        d.shared_chunks,
+                        mb(d.shared_bytes),
+                        d.new_chunks,
+                        mb(d.new_bytes)
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::DiffTree {
+            left,
+            right,
+            ignore_root_metadata,
+            ignore_dir_mtime,
+            json,
+        } => {
+            let opts = tessera_treediff::Options {
+                ignore_root_metadata: *ignore_root_metadata,
+                ignore_dir_mtime: *ignore_dir_mtime,
+            };
+            let diffs = tessera_treediff::compare(left, right, &opts)
+                .with_context(|| format!("comparing {} and {}", left.display(), right.display()))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&diffs)?);
+            } else {
+                for d in &diffs {
+                    println!("{d}");
+                }
+                if diffs.is_empty() {
+                    eprintln!("trees are identical");
+                } else {
+                    eprintln!("{} differences", diffs.len());
+                }
+            }
+            Ok(if diffs.is_empty() { 0 } else { 1 })
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match run(&cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

@@ -356,7 +356,7 @@ impl FileMap {
 }
 
 /// A node of a tree being built (paths are component lists).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TreeNode {
     pub meta: Meta,
     pub kind: TreeKind,
@@ -364,7 +364,7 @@ pub struct TreeNode {
     pub link_group: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TreeKind {
     Dir,
     File { size: u64, chunks: Vec<Digest> },

@@ -1,1 +1,226 @@
+//! Opening tessera images: find the tessera manifest for a reference, load and validate
+//! its index, read and verify chunks (coalescing neighbouring chunks of a pack into one
+//! range read), unpack a rootfs and summarize an image.
 
+pub mod inspect;
+pub mod unpack;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use tessera_format::index::{ChunkLoc, Index, IndexError};
+use tessera_format::pack::{decode_chunk, PackError, TocEntry};
+use tessera_format::{media, Digest};
+use tessera_oci::manifest::{self, Descriptor, ImageManifest, Parsed};
+use tessera_oci::{OciError, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Oci(#[from] OciError),
+    #[error("{0}")]
+    Index(#[from] IndexError),
+    #[error("{0}")]
+    Pack(#[from] PackError),
+    #[error("{0} is not a tessera image (no layer of type {idx}); convert it first with `tessera convert`", idx = media::INDEX_MEDIA_TYPE)]
+    NotTessera(String),
+    #[error("no image for platform {want} in the index (available: {have})")]
+    Platform { want: String, have: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = ImageError> = std::result::Result<T, E>;
+
+/// The default platform when a reference names a multi-platform index.
+pub fn default_platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    format!("linux/{arch}")
+}
+
+/// Resolve `reference` in `store` to one image manifest (picking `platform` from an index).
+pub fn resolve_image(
+    store: &dyn Store,
+    reference: &str,
+    platform: &str,
+) -> Result<(ImageManifest, Descriptor)> {
+    let raw = store.manifest(reference)?;
+    match manifest::parse(&raw.bytes, &raw.media_type)? {
+        Parsed::Image(m) => Ok((
+            m,
+            Descriptor::new(&raw.media_type, &raw.digest, raw.bytes.len() as u64),
+        )),
+        Parsed::Index(ix) => {
+            let matches = |d: &Descriptor| {
+                d.platform
+                    .as_ref()
+                    .map(|p| format!("{}/{}", p.os, p.architecture) == platform)
+                    .unwrap_or(false)
+            };
+            let Some(d) = ix.manifests.iter().find(|d| matches(d)) else {
+                let have: Vec<String> = ix
+                    .manifests
+                    .iter()
+                    .filter_map(|d| {
+                        d.platform
+                            .as_ref()
+                            .map(|p| format!("{}/{}", p.os, p.architecture))
+                    })
+                    .collect();
+                return Err(ImageError::Platform {
+                    want: platform.into(),
+                    have: have.join(", "),
+                });
+            };
+            let raw = store.manifest(&d.digest)?;
+            match manifest::parse(&raw.bytes, &raw.media_type)? {
+                Parsed::Image(m) => Ok((
+                    m,
+                    Descriptor::new(&raw.media_type, &raw.digest, raw.bytes.len() as u64),
+                )),
+                Parsed::Index(_) => Err(ImageError::Other(
+                    "nested image indexes are not supported".into(),
+                )),
+            }
+        }
+    }
+}
+
+/// A tessera image opened from a store.
+pub struct TesseraImage {
+    pub manifest: ImageManifest,
+    pub manifest_desc: Descriptor,
+    pub index_desc: Descriptor,
+    pub index: Index,
+    /// Pack descriptors by digest.
+    pub packs: BTreeMap<Digest, Descriptor>,
+}
+
+impl TesseraImage {
+    /// Open the tessera image named by `reference` (tag or digest) in `store`.
+    pub fn open(store: &dyn Store, reference: &str, platform: &str) -> Result<TesseraImage> {
+        let (manifest, manifest_desc) = resolve_image(store, reference, platform)?;
+        let Some(index_desc) = manifest
+            .layers
+            .iter()
+            .find(|l| l.media_type == media::INDEX_MEDIA_TYPE)
+            .cloned()
+        else {
+            return Err(ImageError::NotTessera(format!(
+                "{} {reference}",
+                store.describe()
+            )));
+        };
+        let mut bytes = Vec::new();
+        store
+            .open_blob(&index_desc.sha256()?, index_desc.size)?
+            .take(tessera_format::index::MAX_INDEX_BODY)
+            .read_to_end(&mut bytes)
+            .map_err(|e| ImageError::Io {
+                context: format!("reading index {}", index_desc.digest),
+                source: e,
+            })?;
+        let index = Index::decode(&bytes)?;
+        let mut packs = BTreeMap::new();
+        for l in &manifest.layers {
+            if l.media_type == media::PACK_MEDIA_TYPE {
+                packs.insert(l.sha256()?, l.clone());
+            }
+        }
+        for p in &index.packs {
+            if !packs.contains_key(p) {
+                return Err(ImageError::Other(format!(
+                    "index refers to pack {p}, which is not a layer of the manifest"
+                )));
+            }
+        }
+        Ok(TesseraImage {
+            manifest,
+            manifest_desc,
+            index_desc,
+            index,
+            packs,
+        })
+    }
+
+    /// The TOC-shaped location of a chunk.
+    pub fn toc_entry(&self, c: &ChunkLoc) -> TocEntry {
+        TocEntry {
+            id: c.id,
+            offset: c.offset,
+            stored_len: c.stored_len,
+            uncompressed_len: c.len,
+            raw: c.raw,
+        }
+    }
+}
+
+/// Reads chunks of one image from a store, coalescing runs of neighbouring chunks.
+pub struct ChunkReader<'a> {
+    pub image: &'a TesseraImage,
+    pub store: &'a dyn Store,
+    /// Largest single range read.
+    pub max_read: u64,
+    /// Bytes fetched from the store.
+    pub fetched: u64,
+}
+
+impl<'a> ChunkReader<'a> {
+    pub fn new(image: &'a TesseraImage, store: &'a dyn Store) -> Self {
+        ChunkReader {
+            image,
+            store,
+            max_read: 8 << 20,
+            fetched: 0,
+        }
+    }
+
+    /// Read and verify the chunks `ids` (indices into the index's chunk table) in order,
+    /// calling `sink` with each chunk's bytes.
+    pub fn read_chunks(
+        &mut self,
+        ids: &[u32],
+        sink: &mut dyn FnMut(u32, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let chunks = &self.image.index.chunks;
+        let mut i = 0;
+        while i < ids.len() {
+            let first = &chunks[ids[i] as usize];
+            let mut j = i + 1;
+            let mut end = first.offset + first.stored_len as u64;
+            while j < ids.len() {
+                let c = &chunks[ids[j] as usize];
+                if c.pack != first.pack
+                    || c.offset != end
+                    || end - first.offset + c.stored_len as u64 > self.max_read
+                {
+                    break;
+                }
+                end += c.stored_len as u64;
+                j += 1;
+            }
+            let pack = self.image.index.packs[first.pack as usize];
+            let buf = self
+                .store
+                .read_range(&pack, first.offset, end - first.offset)?;
+            self.fetched += buf.len() as u64;
+            for &id in &ids[i..j] {
+                let c = &chunks[id as usize];
+                let s = (c.offset - first.offset) as usize;
+                let data =
+                    decode_chunk(&buf[s..s + c.stored_len as usize], &self.image.toc_entry(c))?;
+                sink(id, &data)?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+}
