@@ -59,6 +59,14 @@ impl ImageRef {
             if rest.is_empty() {
                 return Err(err("expected oci:DIR[:TAG]"));
             }
+            if let Some((dir, d)) = rest.rsplit_once('@') {
+                d.parse::<tessera_format::Digest>()
+                    .map_err(|e| err(&e.to_string()))?;
+                return Ok(ImageRef::Layout {
+                    dir: PathBuf::from(dir),
+                    tag: Some(d.to_string()),
+                });
+            }
             // The tag is after the last ':' unless that part looks like a path.
             let (dir, tag) = match rest.rsplit_once(':') {
                 Some((d, t)) if !t.contains('/') && !d.is_empty() => (d, Some(t.to_string())),
@@ -136,6 +144,9 @@ impl std::fmt::Display for ImageRef {
                 Some(r) => write!(f, "{host}/{repo}:{r}"),
                 None => write!(f, "{host}/{repo}"),
             },
+            ImageRef::Layout { dir, tag: Some(t) } if t.contains(':') => {
+                write!(f, "oci:{}@{t}", dir.display())
+            }
             ImageRef::Layout { dir, tag: Some(t) } => write!(f, "oci:{}:{t}", dir.display()),
             ImageRef::Layout { dir, tag: None } => write!(f, "oci:{}", dir.display()),
             ImageRef::DockerArchive { file } => write!(f, "docker-archive:{}", file.display()),
