@@ -360,7 +360,9 @@ impl<'a> PackSink<'a> {
         let e = w.append(id, len, stored, raw).map_err(io)?;
         self.open_chunks
             .push((id, e.offset, e.stored_len, len, raw));
-        if w.stored_bytes() >= MAX_PACK_BYTES {
+        if w.stored_bytes() >= MAX_PACK_BYTES
+            || w.len() as u64 >= tessera_format::pack::MAX_PACK_ENTRIES
+        {
             self.close()?;
         }
         Ok(())

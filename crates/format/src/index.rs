@@ -138,7 +138,11 @@ impl Index {
         if body_len > MAX_INDEX_BODY {
             return Err(IndexError::TooLarge(body_len));
         }
-        let body = zstd::bulk::decompress(&bytes[HEADER_LEN..], body_len as usize)
+        // Stream the frame so memory grows with the real body, never with the claimed length.
+        let mut body = Vec::new();
+        let dec = zstd::stream::read::Decoder::new(&bytes[HEADER_LEN..])
+            .map_err(|e| IndexError::Compression(e.to_string()))?;
+        std::io::Read::read_to_end(&mut std::io::Read::take(dec, body_len + 1), &mut body)
             .map_err(|e| IndexError::Compression(e.to_string()))?;
         if body.len() as u64 != body_len {
             return Err(IndexError::Compression(format!(
@@ -187,6 +191,9 @@ impl Index {
         if root.parent != 0 || !root.name.is_empty() || !matches!(root.node, Node::Dir(_)) {
             return invalid("entry 0 must be the root directory with an empty name");
         }
+        if let Some(meta) = root.meta() {
+            check_meta(0, meta)?;
+        }
         // Pre-order check: the parent of each entry must be on the stack of open dirs,
         // and siblings must be strictly increasing by name.
         let mut stack: Vec<(u32, Option<&[u8]>)> = vec![(0, None)];
@@ -221,12 +228,7 @@ impl Index {
             }
             last.1 = Some(&e.name);
             if let Some(meta) = e.meta() {
-                if meta.mode & !0o7777 != 0 || meta.mtime_nsec >= 1_000_000_000 {
-                    return invalid(format!("entry {i} has an invalid mode or time"));
-                }
-                if meta.xattrs.windows(2).any(|w| w[0].0 >= w[1].0) {
-                    return invalid(format!("entry {i} has unsorted or duplicate xattrs"));
-                }
+                check_meta(i, meta)?;
             }
             match &e.node {
                 Node::Dir(_) => stack.push((i32_, None)),
@@ -308,6 +310,16 @@ impl Index {
             })
             .sum()
     }
+}
+
+fn check_meta(i: usize, meta: &Meta) -> Result<(), IndexError> {
+    if meta.mode & !0o7777 != 0 || meta.mtime_nsec >= 1_000_000_000 {
+        return invalid(format!("entry {i} has an invalid mode or time"));
+    }
+    if meta.xattrs.windows(2).any(|w| w[0].0 >= w[1].0) {
+        return invalid(format!("entry {i} has unsorted or duplicate xattrs"));
+    }
+    Ok(())
 }
 
 impl Entry {

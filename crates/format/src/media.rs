@@ -9,7 +9,7 @@ pub const PACK_MEDIA_TYPE: &str = "application/vnd.tessera.pack.v1";
 
 /// Manifest annotation: format version.
 pub const ANN_FORMAT_VERSION: &str = "io.tessera.format.version";
-/// Manifest annotation: chunker parameters, e.g. `fastcdc2020:16384:65536:262144`.
+/// Manifest annotation: chunker parameters, e.g. `fastcdc2020-l1:16384:65536:262144`.
 pub const ANN_CHUNKER: &str = "io.tessera.chunker";
 /// Index descriptor annotation: number of entries in the tree.
 pub const ANN_ENTRIES: &str = "io.tessera.index.entries";
