@@ -16,7 +16,77 @@ pub const INDEX_MAGIC: &[u8; 8] = b"TSRINDEX";
 pub const INDEX_VERSION: u32 = 1;
 const HEADER_LEN: usize = 20;
 /// Largest decoded index body accepted (bounds memory on hostile input).
-pub const MAX_INDEX_BODY: u64 = 1 << 30;
+pub const MAX_INDEX_BODY: u64 = 512 << 20;
+/// Most entries an index may hold (4 Mi names).
+pub const MAX_ENTRIES: usize = 1 << 22;
+/// Most distinct chunks an index may hold (8 Mi chunks, about 512 GiB of content).
+pub const MAX_CHUNKS: usize = 1 << 23;
+/// Most packs an index may refer to.
+pub const MAX_PACKS: usize = 1 << 20;
+/// Most extended attributes per inode.
+pub const MAX_XATTRS: usize = 1 << 12;
+
+/// Deserialize a sequence, refusing more than `max` elements *before* allocating them:
+/// postcard announces the length up front, so a hostile length fails immediately and a
+/// lying one fails as soon as it is exceeded.
+fn bounded<'de, D, T>(d: D, max: usize, what: &'static str) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T> {
+        max: usize,
+        what: &'static str,
+        _t: std::marker::PhantomData<T>,
+    }
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "at most {} {}", self.max, self.what)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let hint = seq.size_hint().unwrap_or(0);
+            if hint > self.max {
+                return Err(serde::de::Error::custom(format!(
+                    "{hint} {} exceeds the limit of {}",
+                    self.what, self.max
+                )));
+            }
+            let mut v = Vec::with_capacity(hint.min(1024));
+            while let Some(x) = seq.next_element()? {
+                if v.len() == self.max {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {} {}",
+                        self.max, self.what
+                    )));
+                }
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(V {
+        max,
+        what,
+        _t: std::marker::PhantomData,
+    })
+}
+
+fn de_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::Error> {
+    bounded(d, MAX_ENTRIES, "entries")
+}
+fn de_chunks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ChunkLoc>, D::Error> {
+    bounded(d, MAX_CHUNKS, "chunks")
+}
+fn de_packs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Digest>, D::Error> {
+    bounded(d, MAX_PACKS, "packs")
+}
+fn de_xattrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(Vec<u8>, Vec<u8>)>, D::Error> {
+    bounded(d, MAX_XATTRS, "xattrs")
+}
+fn de_file_chunks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    bounded(d, MAX_CHUNKS, "chunk references")
+}
 const INDEX_ZSTD_LEVEL: i32 = 9;
 
 /// Why an index could not be built or decoded.
@@ -52,6 +122,7 @@ pub struct Meta {
     /// Nanoseconds part of the modification time (< 1e9).
     pub mtime_nsec: u32,
     /// Extended attributes sorted by name.
+    #[serde(deserialize_with = "de_xattrs")]
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -59,6 +130,7 @@ pub struct Meta {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileData {
     pub size: u64,
+    #[serde(deserialize_with = "de_file_chunks")]
     pub chunks: Vec<u32>,
 }
 
@@ -102,8 +174,11 @@ pub struct ChunkLoc {
 /// A decoded, validated index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Index {
+    #[serde(deserialize_with = "de_packs")]
     pub packs: Vec<Digest>,
+    #[serde(deserialize_with = "de_chunks")]
     pub chunks: Vec<ChunkLoc>,
+    #[serde(deserialize_with = "de_entries")]
     pub entries: Vec<Entry>,
 }
 
@@ -726,6 +801,31 @@ mod tests {
         let mut v = bytes.clone();
         v[8] = 9;
         assert!(matches!(Index::decode(&v), Err(IndexError::Version(9))));
+    }
+
+    #[test]
+    fn hostile_lengths_fail_before_allocating() {
+        // Body: 0 packs, 0 chunks, then an entry count far above the limit.
+        let mut body = vec![0u8, 0u8];
+        let count = MAX_ENTRIES as u64 + 1;
+        let mut n = count;
+        while n >= 0x80 {
+            body.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        body.push(n as u8);
+        // Each entry: parent 0, empty name, HardLink(0): 4 bytes that would cost ~100 in memory.
+        for _ in 0..count {
+            body.extend_from_slice(&[0, 0, 7, 0]);
+        }
+        let frame = zstd::bulk::compress(&body, 1).unwrap();
+        let mut bytes = INDEX_MAGIC.to_vec();
+        bytes.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&frame);
+        // postcard reports serde errors without their text; the bound is what fails here.
+        let err = Index::decode(&bytes).unwrap_err();
+        assert!(matches!(err, IndexError::Decode(_)), "{err}");
     }
 
     #[test]
