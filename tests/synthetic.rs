@@ -460,3 +460,114 @@ fn corrupt_pack_or_index_fails_unpack_and_writes_nothing() {
     assert!(err.contains("index"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn multi_platform_index_becomes_an_index_of_tessera_manifests() {
+    let w = tempfile::tempdir().unwrap();
+    let src = w.path().join("src");
+    let mut manifests = Vec::new();
+    for (arch, content) in [
+        ("amd64", b"x86 binary".as_slice()),
+        ("arm64", b"arm binary".as_slice()),
+    ] {
+        let mut t = TarBuilder::new();
+        t.file(b"bin", 0o755, content);
+        let md = write_image(
+            &src,
+            arch,
+            &[Layer {
+                tar: t.finish(),
+                compression: "gzip",
+            }],
+            |_| {},
+        );
+        let size = std::fs::metadata(src.join("blobs/sha256").join(&md[7..]))
+            .unwrap()
+            .len();
+        manifests.push(serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": size, "platform": {"os": "linux", "architecture": arch}}));
+    }
+    // An attestation manifest (os "unknown") is skipped.
+    let mut att = manifests[0].clone();
+    att["platform"] = serde_json::json!({"os": "unknown", "architecture": "unknown"});
+    manifests.push(att);
+    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests})).unwrap();
+    let id = write_blob(&src, &index);
+    let idx_path = src.join("index.json");
+    let mut top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&idx_path).unwrap()).unwrap();
+    top["manifests"].as_array_mut().unwrap().push(serde_json::json!({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": id, "size": index.len(), "annotations": {"org.opencontainers.image.ref.name": "multi"}}));
+    std::fs::write(&idx_path, serde_json::to_vec(&top).unwrap()).unwrap();
+
+    let dst = format!("oci:{}/dst", w.path().display());
+    let js = run_ok(tessera().args([
+        "convert",
+        "--no-cache",
+        "--json",
+        &format!("oci:{}:multi", src.display()),
+        &format!("{dst}:multi"),
+    ]));
+    let rep: serde_json::Value = serde_json::from_str(&js).unwrap();
+    assert_eq!(rep["images"].as_array().unwrap().len(), 2);
+    // The result is an index with artifactType and the source index as subject.
+    let out_index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            w.path()
+                .join("dst/blobs/sha256")
+                .join(&rep["digest"].as_str().unwrap()[7..]),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        out_index["artifactType"],
+        "application/vnd.tessera.image.v1"
+    );
+    assert_eq!(out_index["subject"]["digest"].as_str().unwrap(), id);
+    assert_eq!(
+        out_index["manifests"][1]["platform"]["architecture"],
+        "arm64"
+    );
+    for (arch, content) in [
+        ("amd64", b"x86 binary".as_slice()),
+        ("arm64", b"arm binary".as_slice()),
+    ] {
+        let out = w.path().join(format!("rootfs-{arch}"));
+        run_ok(
+            tessera()
+                .args([
+                    "unpack",
+                    "--platform",
+                    &format!("linux/{arch}"),
+                    &format!("{dst}:multi"),
+                ])
+                .arg(&out),
+        );
+        assert_eq!(std::fs::read(out.join("bin")).unwrap(), content);
+    }
+    // --platform on convert keeps only that platform.
+    let js = run_ok(tessera().args([
+        "convert",
+        "--no-cache",
+        "--json",
+        "--platform",
+        "linux/arm64",
+        &format!("oci:{}:multi", src.display()),
+        &format!("{dst}:arm-only"),
+    ]));
+    let rep: serde_json::Value = serde_json::from_str(&js).unwrap();
+    assert_eq!(rep["images"].as_array().unwrap().len(), 1);
+    let err = run_err(
+        tessera()
+            .args([
+                "unpack",
+                "--platform",
+                "linux/s390x",
+                &format!("{dst}:multi"),
+            ])
+            .arg(w.path().join("nope")),
+    );
+    assert!(
+        err.contains("linux/s390x") && err.contains("linux/amd64"),
+        "{err}"
+    );
+}

@@ -13,7 +13,7 @@ use tessera_format::chunker::Chunker;
 use tessera_format::digest::HashingWriter;
 use tessera_format::index::{Meta, StoredChunk, TreeKind, TreeNode};
 use tessera_format::media::LayerCompression;
-use tessera_format::pack::{compress_chunk, PackWriter};
+use tessera_format::pack::{ChunkCompressor, PackWriter};
 use tessera_format::Digest;
 
 /// A pack is closed once it holds this many stored bytes.
@@ -378,8 +378,8 @@ impl<'a> PackSink<'a> {
         };
         let (hw, _) = w.finish().map_err(io)?;
         let (buf, digest, size) = hw.into_parts();
+        // No fsync here: staging is scratch space; the destination makes blobs durable.
         let tmp = buf.into_inner().map_err(|e| io(e.into_error()))?;
-        tmp.as_file().sync_all().map_err(io)?;
         tmp.persist(self.staging.join(digest.hex()))
             .map_err(|e| io(e.error))?;
         for (id, offset, stored_len, len, raw) in self.open_chunks.drain(..) {
@@ -421,6 +421,16 @@ pub fn convert_layer(
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
             s.spawn(move || {
+                let mut compressor = match ChunkCompressor::new(zstd_level) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = done_tx.send(Err(ConvertError::Io {
+                            context: "creating a zstd context".into(),
+                            source: e,
+                        }));
+                        return;
+                    }
+                };
                 for w in work_rx {
                     let id = Digest::of(&w.data);
                     let len = w.data.len() as u32;
@@ -432,7 +442,8 @@ pub fn convert_layer(
                             stored: None,
                         })
                     } else {
-                        compress_chunk(&w.data, zstd_level)
+                        compressor
+                            .compress(&w.data)
                             .map(|s| Done {
                                 seq: w.seq,
                                 id,

@@ -310,13 +310,18 @@ impl<'a> Converter<'a> {
             layers: m.layers.len(),
             ..Default::default()
         };
-        let staging = match &self.opts.staging_dir {
+        let staging = match self
+            .opts
+            .staging_dir
+            .clone()
+            .or_else(|| self.dst.staging_dir())
+        {
             Some(d) => {
-                std::fs::create_dir_all(d).map_err(|e| ConvertError::Io {
+                std::fs::create_dir_all(&d).map_err(|e| ConvertError::Io {
                     context: format!("creating {}", d.display()),
                     source: e,
                 })?;
-                tempfile::tempdir_in(d)
+                tempfile::tempdir_in(&d)
             }
             None => tempfile::tempdir(),
         }
@@ -509,6 +514,11 @@ impl<'a> Converter<'a> {
         };
         let bytes = manifest::to_bytes(&out)?;
         let desc = Descriptor::new(media::OCI_MANIFEST, &Digest::of(&bytes), bytes.len() as u64);
+        // Remove the staging directory (and its parent when no other conversion uses it).
+        if let Some(parent) = staging.path().parent().map(|p| p.to_path_buf()) {
+            drop(staging);
+            let _ = std::fs::remove_dir(parent);
+        }
         rep.manifest = desc.digest.clone();
         rep.seconds = t0.elapsed().as_secs_f64();
         Ok((desc, bytes, rep))

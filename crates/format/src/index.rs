@@ -81,7 +81,7 @@ fn de_chunks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ChunkLoc>, D:
 fn de_packs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Digest>, D::Error> {
     bounded(d, MAX_PACKS, "packs")
 }
-fn de_xattrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(Vec<u8>, Vec<u8>)>, D::Error> {
+fn de_xattrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Xattrs, D::Error> {
     bounded(d, MAX_XATTRS, "xattrs")
 }
 fn de_file_chunks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
@@ -110,6 +110,9 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, IndexError> {
     Err(IndexError::Invalid(msg.into()))
 }
 
+/// Extended attributes: (name, value) pairs sorted by name.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Metadata shared by every inode kind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Meta {
@@ -123,7 +126,7 @@ pub struct Meta {
     pub mtime_nsec: u32,
     /// Extended attributes sorted by name.
     #[serde(deserialize_with = "de_xattrs")]
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub xattrs: Xattrs,
 }
 
 /// The content of a regular file: its size and its chunks (indices into [`Index::chunks`]).
@@ -325,15 +328,16 @@ impl Index {
                         ));
                     }
                 }
-                Node::HardLink(t) => {
+                Node::HardLink(t)
                     if *t as usize >= i
                         || matches!(
                             self.entries[*t as usize].node,
                             Node::Dir(_) | Node::HardLink(_)
-                        )
-                    {
-                        return invalid(format!("entry {i}: hardlink to {t}, which is not an earlier non-directory inode"));
-                    }
+                        ) =>
+                {
+                    return invalid(format!(
+                        "entry {i}: hardlink to {t}, which is not an earlier non-directory inode"
+                    ));
                 }
                 _ => {}
             }
@@ -462,6 +466,10 @@ pub enum TreeKind {
     Socket,
 }
 
+/// A tree being built: nodes keyed by path components (BTreeMap order is the canonical
+/// depth-first order).
+pub type Tree = BTreeMap<Vec<Vec<u8>>, TreeNode>;
+
 /// Where a chunk is stored, by pack digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct StoredChunk {
@@ -475,7 +483,7 @@ pub struct StoredChunk {
 /// Build the canonical index of a tree. `tree` is keyed by path components (its
 /// BTreeMap order is exactly the canonical pre-order); the root (`[]`) may be absent.
 pub fn build_index(
-    tree: &BTreeMap<Vec<Vec<u8>>, TreeNode>,
+    tree: &Tree,
     locations: &dyn Fn(&Digest) -> Option<StoredChunk>,
 ) -> Result<Index, IndexError> {
     // Collect chunks and packs first, so their indices are canonical.
@@ -634,10 +642,7 @@ mod tests {
         }
     }
 
-    fn sample() -> (
-        BTreeMap<Vec<Vec<u8>>, TreeNode>,
-        HashMap<Digest, StoredChunk>,
-    ) {
+    fn sample() -> (Tree, HashMap<Digest, StoredChunk>) {
         let c1 = Digest::of(b"one");
         let c2 = Digest::of(b"two");
         let pack = Digest::of(b"pack");

@@ -91,11 +91,18 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let ctx = |e| OciError::io(format!("writing {}", path.display()), e);
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(ctx)?;
+    readable(tmp.as_file()).map_err(ctx)?;
     tmp.write_all(data).map_err(ctx)?;
     tmp.as_file().sync_all().map_err(ctx)?;
     tmp.persist(path).map_err(|e| ctx(e.error))?;
     sync_dir(dir);
     Ok(())
+}
+
+/// Temp files are created 0600; layout files are world-readable like any OCI layout.
+fn readable(f: &File) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(fs::Permissions::from_mode(0o644))
 }
 
 fn sync_dir(dir: &Path) {
@@ -107,6 +114,10 @@ fn sync_dir(dir: &Path) {
 impl Store for Layout {
     fn describe(&self) -> String {
         format!("oci:{}", self.dir.display())
+    }
+
+    fn staging_dir(&self) -> Option<PathBuf> {
+        Some(self.dir.join(".tessera-staging"))
     }
 
     fn manifest(&self, reference: &str) -> Result<RawManifest> {
@@ -226,6 +237,30 @@ impl Store for Layout {
         let dst = self.blob_path(digest);
         let ctx = |e| OciError::io(format!("writing {}", dst.display()), e);
         let dir = self.dir.join("blobs/sha256");
+        // Same filesystem (e.g. packs staged by `staging_dir`): verify, then link into
+        // place instead of copying, and make it durable once.
+        let linked = dir.join(format!(".link-{}", digest.hex()));
+        let _ = fs::remove_file(&linked);
+        if fs::hard_link(path, &linked).is_ok() {
+            let res = (|| -> Result<()> {
+                let f = File::open(&linked).map_err(ctx)?;
+                readable(&f).map_err(ctx)?;
+                let mut r = VerifyingReader::new(
+                    io::BufReader::with_capacity(1 << 20, &f),
+                    *digest,
+                    size,
+                    format!("blob {digest}"),
+                );
+                io::copy(&mut r, &mut io::sink()).map_err(ctx)?;
+                f.sync_all().map_err(ctx)?;
+                fs::rename(&linked, &dst).map_err(ctx)?;
+                Ok(())
+            })();
+            if res.is_err() {
+                let _ = fs::remove_file(&linked);
+            }
+            return res;
+        }
         let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(ctx)?;
         let src =
             File::open(path).map_err(|e| OciError::io(format!("opening {}", path.display()), e))?;

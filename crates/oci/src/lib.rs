@@ -90,20 +90,34 @@ pub trait Store: Send + Sync {
     fn put_manifest(&self, tag: Option<&str>, bytes: &[u8], media_type: &str) -> Result<Digest>;
     /// Copy a blob from another store (cross-repository mount where possible).
     fn copy_blob_from(&self, from: &dyn Store, digest: &Digest, size: u64) -> Result<()> {
-        let mut r = from.open_blob(digest, size)?;
-        let tmp =
-            tempfile::NamedTempFile::new().map_err(|e| OciError::io("creating a temp file", e))?;
-        let mut f = tmp
-            .reopen()
-            .map_err(|e| OciError::io("opening a temp file", e))?;
-        std::io::copy(&mut r, &mut f)
-            .map_err(|e| OciError::io(format!("copying blob {digest}"), e))?;
-        self.put_blob_file(digest, size, tmp.path())
+        copy_via_temp_file(self, from, digest, size)
+    }
+    /// A directory on the store's filesystem where blobs can be staged so that
+    /// `put_blob_file` can link them instead of copying (None: use the system temp dir).
+    fn staging_dir(&self) -> Option<std::path::PathBuf> {
+        None
     }
     /// Registry host and repository, when this store is a registry (for cross-repo mounts).
     fn registry_location(&self) -> Option<(String, String)> {
         None
     }
+}
+
+/// Copy a blob by streaming it (verified) into a temporary file, then storing that.
+pub fn copy_via_temp_file<S: Store + ?Sized>(
+    to: &S,
+    from: &dyn Store,
+    digest: &Digest,
+    size: u64,
+) -> Result<()> {
+    let mut r = from.open_blob(digest, size)?;
+    let tmp =
+        tempfile::NamedTempFile::new().map_err(|e| OciError::io("creating a temp file", e))?;
+    let mut f = tmp
+        .reopen()
+        .map_err(|e| OciError::io("opening a temp file", e))?;
+    std::io::copy(&mut r, &mut f).map_err(|e| OciError::io(format!("copying blob {digest}"), e))?;
+    to.put_blob_file(digest, size, tmp.path())
 }
 
 /// Open a store for a reference. Returns the store and the tag/digest within it.

@@ -57,12 +57,10 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 fn docker_creds(host: &str, path: Option<&Path>) -> Option<(String, String)> {
     let p = match path {
         Some(p) => p.to_path_buf(),
-        None => PathBuf::from(
-            std::env::var_os("DOCKER_CONFIG")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?,
-        )
-        .join("config.json"),
+        None => std::env::var_os("DOCKER_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?
+            .join("config.json"),
     };
     let p = if p.is_dir() { p.join("config.json") } else { p };
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
@@ -258,19 +256,20 @@ impl Registry {
         self.send(&|c| c.post(&url).header("Content-Length", "0"))
     }
 
-    fn finish_upload(&self, location: &str, digest: &Digest, bytes: &[u8]) -> Result<()> {
-        let url = self.upload_url(location);
-        let sep = if url.contains('?') { '&' } else { '?' };
-        let url = format!("{url}{sep}digest={digest}");
-        let resp = self.send(&|c| {
-            c.put(&url)
-                .header(CONTENT_TYPE, "application/octet-stream")
-                .body(bytes.to_vec())
-        })?;
-        if !resp.status().is_success() {
-            return Err(self.error_of(&format!("uploading blob {digest}"), resp));
+    /// Start a monolithic upload unless the blob is already there; returns the PUT URL.
+    fn begin_upload(&self, digest: &Digest) -> Result<Option<String>> {
+        if self.has_blob(digest)? {
+            return Ok(None);
         }
-        Ok(())
+        let resp = self.start_upload("")?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(self.error_of("starting an upload", resp));
+        }
+        let loc = header_str(resp.headers(), LOCATION.as_str())
+            .ok_or_else(|| OciError::Registry("upload without Location".into()))?;
+        let url = self.upload_url(&loc);
+        let sep = if url.contains('?') { '&' } else { '?' };
+        Ok(Some(format!("{url}{sep}digest={digest}")))
     }
 }
 
@@ -392,27 +391,17 @@ impl Store for Registry {
     }
 
     fn put_blob_file(&self, digest: &Digest, size: u64, path: &Path) -> Result<()> {
-        if self.has_blob(digest)? {
+        let Some(url) = self.begin_upload(digest)? else {
             return Ok(());
-        }
-        let resp = self.start_upload("")?;
-        if resp.status() != StatusCode::ACCEPTED {
-            return Err(self.error_of("starting an upload", resp));
-        }
-        let loc = header_str(resp.headers(), LOCATION.as_str())
-            .ok_or_else(|| OciError::Registry("upload without Location".into()))?;
-        let url = self.upload_url(&loc);
-        let sep = if url.contains('?') { '&' } else { '?' };
-        let url = format!("{url}{sep}digest={digest}");
+        };
         let f = std::fs::File::open(path)
             .map_err(|e| OciError::io(format!("opening {}", path.display()), e))?;
-        let body = reqwest::blocking::Body::sized(f, size);
-        // The file body is consumed once; authentication was settled by the POST above.
+        // The file body is consumed once; authentication was settled by the POST.
         let mut req = self
             .http
             .put(&url)
             .header(CONTENT_TYPE, "application/octet-stream")
-            .body(body);
+            .body(reqwest::blocking::Body::sized(f, size));
         if let Some(a) = self.current_auth() {
             req = req.header(AUTHORIZATION, a);
         }
@@ -424,16 +413,18 @@ impl Store for Registry {
     }
 
     fn put_blob_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
-        if self.has_blob(digest)? {
+        let Some(url) = self.begin_upload(digest)? else {
             return Ok(());
+        };
+        let resp = self.send(&|c| {
+            c.put(&url)
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .body(bytes.to_vec())
+        })?;
+        if !resp.status().is_success() {
+            return Err(self.error_of(&format!("uploading blob {digest}"), resp));
         }
-        let resp = self.start_upload("")?;
-        if resp.status() != StatusCode::ACCEPTED {
-            return Err(self.error_of("starting an upload", resp));
-        }
-        let loc = header_str(resp.headers(), LOCATION.as_str())
-            .ok_or_else(|| OciError::Registry("upload without Location".into()))?;
-        self.finish_upload(&loc, digest, bytes)
+        Ok(())
     }
 
     fn put_manifest(&self, tag: Option<&str>, bytes: &[u8], media_type: &str) -> Result<Digest> {
@@ -466,15 +457,7 @@ impl Store for Registry {
                 }
             }
         }
-        let mut r = from.open_blob(digest, size)?;
-        let tmp =
-            tempfile::NamedTempFile::new().map_err(|e| OciError::io("creating a temp file", e))?;
-        let mut f = tmp
-            .reopen()
-            .map_err(|e| OciError::io("opening a temp file", e))?;
-        std::io::copy(&mut r, &mut f)
-            .map_err(|e| OciError::io(format!("copying blob {digest}"), e))?;
-        self.put_blob_file(digest, size, tmp.path())
+        crate::copy_via_temp_file(self, from, digest, size)
     }
 }
 
