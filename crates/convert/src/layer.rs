@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufWriter, Read};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tessera_format::chunker::Chunker;
+use tessera_format::chunker::StreamChunker;
 use tessera_format::digest::HashingWriter;
 use tessera_format::index::{Meta, StoredChunk, TreeKind, TreeNode};
 use tessera_format::media::LayerCompression;
@@ -133,6 +133,7 @@ fn read_tar<R: Read>(
     let mut entries = Vec::new();
     let mut pending: Pending = Vec::new();
     let mut seq = 0u64;
+    let mut chunker = StreamChunker::new();
     let bad = |e: io::Error| ConvertError::BadLayer(format!("reading the layer tar: {e}"));
     for ent in ar.entries().map_err(bad)? {
         let mut ent = ent.map_err(bad)?;
@@ -225,8 +226,8 @@ fn read_tar<R: Read>(
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let mut seqs = Vec::new();
                 let mut size = 0u64;
-                for c in Chunker::new(&mut ent) {
-                    let c = c.map_err(bad)?;
+                chunker.reset();
+                while let Some(c) = chunker.next_chunk(&mut ent).map_err(bad)? {
                     if stop.load(Ordering::Relaxed) {
                         return Err(ConvertError::Internal(
                             "stopped after an earlier error".into(),
@@ -378,10 +379,15 @@ impl<'a> PackSink<'a> {
         };
         let (hw, _) = w.finish().map_err(io)?;
         let (buf, digest, size) = hw.into_parts();
-        // No fsync here: staging is scratch space; the destination makes blobs durable.
         let tmp = buf.into_inner().map_err(|e| io(e.into_error()))?;
-        tmp.persist(self.staging.join(digest.hex()))
+        let file = tmp
+            .persist(self.staging.join(digest.hex()))
             .map_err(|e| io(e.error))?;
+        // Start writeback now, off the pipeline: when the destination links the pack into
+        // place and syncs it (its durability point), little is left to flush.
+        std::thread::spawn(move || {
+            let _ = file.sync_data();
+        });
         for (id, offset, stored_len, len, raw) in self.open_chunks.drain(..) {
             self.located.insert(
                 id,

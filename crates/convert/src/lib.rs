@@ -382,6 +382,7 @@ impl<'a> Converter<'a> {
                 other => other,
             })?;
             bar.finish_and_clear();
+            tracing::info!(layer = i, digest = %l.digest, tar_bytes = out.stats.tar_bytes, new_chunks = out.stats.new_chunks, elapsed_ms = t0.elapsed().as_millis() as u64, "layer converted");
             tree.apply(&out.entries)?;
             rep.tar_bytes += out.stats.tar_bytes;
             rep.new_chunks += out.stats.new_chunks;
@@ -430,6 +431,10 @@ impl<'a> Converter<'a> {
             );
         }
 
+        tracing::info!(
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "layers done, building the index"
+        );
         let index = build_index(&tree.map, &|d| {
             local.get(d).or_else(|| self.dict.chunks.get(d)).copied()
         })?;
@@ -478,6 +483,10 @@ impl<'a> Converter<'a> {
             };
             layers.push(Descriptor::new(media::PACK_MEDIA_TYPE, p, size));
         }
+        tracing::info!(
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "packs published"
+        );
         let config = self.read_small_blob(&m.config)?;
         self.dst.put_blob_bytes(&m.config.sha256()?, &config)?;
         self.dst.put_blob_bytes(&index_digest, &index_bytes)?;
