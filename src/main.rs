@@ -169,6 +169,18 @@ fn open(reference: &str, reg: &RegistryArgs) -> Result<(Box<dyn Store>, String)>
     Ok((store, tag.unwrap_or_default()))
 }
 
+/// Open a tessera image (the platform from --platform or this machine's).
+fn open_image(reference: &str, reg: &RegistryArgs) -> Result<(Box<dyn Store>, TesseraImage)> {
+    let (store, tag) = open(reference, reg)?;
+    let platform = reg
+        .platform
+        .clone()
+        .unwrap_or_else(tessera_image::default_platform);
+    let img = TesseraImage::open(store.as_ref(), &tag, &platform)
+        .with_context(|| format!("opening {reference}"))?;
+    Ok((store, img))
+}
+
 fn default_cache_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -277,13 +289,7 @@ fn run(cli: &Cli) -> Result<i32> {
             json,
             reg,
         } => {
-            let (store, tag) = open(reference, reg)?;
-            let platform = reg
-                .platform
-                .clone()
-                .unwrap_or_else(tessera_image::default_platform);
-            let img = TesseraImage::open(store.as_ref(), &tag, &platform)
-                .with_context(|| format!("opening {reference}"))?;
+            let (store, img) = open_image(reference, reg)?;
             let mp = progress(cli);
             let bar = mp.add(ProgressBar::new(0));
             bar.set_style(
@@ -314,13 +320,7 @@ fn run(cli: &Cli) -> Result<i32> {
             json,
             reg,
         } => {
-            let (store, tag) = open(reference, reg)?;
-            let platform = reg
-                .platform
-                .clone()
-                .unwrap_or_else(tessera_image::default_platform);
-            let img = TesseraImage::open(store.as_ref(), &tag, &platform)
-                .with_context(|| format!("opening {reference}"))?;
+            let (_store, img) = open_image(reference, reg)?;
             let dict = load_dictionary(dedup_with, reg)?;
             let set: Option<HashSet<tessera_format::Digest>> =
                 (!dedup_with.is_empty()).then(|| dict.chunk_ids().copied().collect());

@@ -65,7 +65,7 @@ fn convert_to_and_from_docker_registry() {
         &format!("oci:{}:v2", src.display()),
         &format!("docker://{plain}"),
     ]));
-    let js = run_ok(tessera().args([
+    let v = run_json(tessera().args([
         "convert",
         "--no-cache",
         "--json",
@@ -74,7 +74,6 @@ fn convert_to_and_from_docker_registry() {
         &plain,
         &format!("{a}/tessera/app:v2"),
     ]));
-    let v: serde_json::Value = serde_json::from_str(&js).unwrap();
     let new_bytes = v["images"][0]["new_bytes"].as_u64().unwrap();
     assert!(
         new_bytes <= (1 << 20) + 4096,

@@ -160,12 +160,11 @@ fn edge_cases_unpack_identical_to_umoci_and_convert_is_deterministic() {
     );
 
     // inspect --json is machine-readable and agrees.
-    let js = run_ok(tessera().args([
+    let v = run_json(tessera().args([
         "inspect",
         "--json",
         &format!("oci:{}/dst1:edge", w.path().display()),
     ]));
-    let v: serde_json::Value = serde_json::from_str(&js).unwrap();
     assert_eq!(v["manifest"].as_str().unwrap(), d1);
     assert!(v["index_bytes_per_entry"].as_f64().unwrap() < 150.0);
     assert_eq!(v["subject"].as_str().unwrap().len(), 71);
@@ -208,7 +207,7 @@ fn dedup_with_dictionary_and_layer_cache() {
         &format!("oci:{}:v1", src.display()),
         &format!("{dst}:v1"),
     ]));
-    let js = run_ok(tessera().args([
+    let v = run_json(tessera().args([
         "convert",
         "--no-cache",
         "--json",
@@ -217,7 +216,6 @@ fn dedup_with_dictionary_and_layer_cache() {
         &format!("oci:{}:v2", src.display()),
         &format!("{dst}:v2"),
     ]));
-    let v: serde_json::Value = serde_json::from_str(&js).unwrap();
     let new_bytes = v["images"][0]["new_bytes"].as_u64().unwrap();
     assert!(
         new_bytes * 100 <= shifted.len() as u64 * 15,
@@ -239,7 +237,7 @@ fn dedup_with_dictionary_and_layer_cache() {
         &format!("oci:{}:v1", src.display()),
         &format!("{dst}:v1b"),
     ]));
-    let js = run_ok(tessera().args([
+    let v = run_json(tessera().args([
         "convert",
         "--json",
         "--cache-dir",
@@ -247,7 +245,6 @@ fn dedup_with_dictionary_and_layer_cache() {
         &format!("oci:{}:v1", src.display()),
         &format!("{dst}:v1c"),
     ]));
-    let v: serde_json::Value = serde_json::from_str(&js).unwrap();
     assert_eq!(v["images"][0]["layers_from_cache"].as_u64(), Some(1));
 }
 
@@ -420,8 +417,7 @@ fn corrupt_pack_or_index_fails_unpack_and_writes_nothing() {
         &format!("oci:{}:img", src.display()),
         &format!("oci:{}:img", dst.display()),
     ]));
-    let js = run_ok(tessera().args(["inspect", "--json", &format!("oci:{}:img", dst.display())]));
-    let v: serde_json::Value = serde_json::from_str(&js).unwrap();
+    let v = run_json(tessera().args(["inspect", "--json", &format!("oci:{}:img", dst.display())]));
     let pack = v["packs"][0]["digest"].as_str().unwrap().to_string();
     let pack_path = dst.join("blobs/sha256").join(&pack[7..]);
     let orig = std::fs::read(&pack_path).unwrap();
@@ -499,14 +495,13 @@ fn multi_platform_index_becomes_an_index_of_tessera_manifests() {
     std::fs::write(&idx_path, serde_json::to_vec(&top).unwrap()).unwrap();
 
     let dst = format!("oci:{}/dst", w.path().display());
-    let js = run_ok(tessera().args([
+    let rep = run_json(tessera().args([
         "convert",
         "--no-cache",
         "--json",
         &format!("oci:{}:multi", src.display()),
         &format!("{dst}:multi"),
     ]));
-    let rep: serde_json::Value = serde_json::from_str(&js).unwrap();
     assert_eq!(rep["images"].as_array().unwrap().len(), 2);
     // The result is an index with artifactType and the source index as subject.
     let out_index: serde_json::Value = serde_json::from_slice(
@@ -545,7 +540,7 @@ fn multi_platform_index_becomes_an_index_of_tessera_manifests() {
         assert_eq!(std::fs::read(out.join("bin")).unwrap(), content);
     }
     // --platform on convert keeps only that platform.
-    let js = run_ok(tessera().args([
+    let rep = run_json(tessera().args([
         "convert",
         "--no-cache",
         "--json",
@@ -554,7 +549,6 @@ fn multi_platform_index_becomes_an_index_of_tessera_manifests() {
         &format!("oci:{}:multi", src.display()),
         &format!("{dst}:arm-only"),
     ]));
-    let rep: serde_json::Value = serde_json::from_str(&js).unwrap();
     assert_eq!(rep["images"].as_array().unwrap().len(), 1);
     let err = run_err(
         tessera()

@@ -32,6 +32,13 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Run, require success and parse stdout as JSON.
+pub fn run_json(cmd: &mut Command) -> serde_json::Value {
+    let out = run_ok(cmd);
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("{cmd:?} printed invalid JSON ({e}): {out}"))
+}
+
 /// Run and require failure; returns stderr.
 pub fn run_err(cmd: &mut Command) -> String {
     let out: Output = cmd

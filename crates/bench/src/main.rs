@@ -135,6 +135,27 @@ fn extract_archive(archive: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// `nydus-image create` for one layer tar: RAFS v6, zstd (append the tar path).
+fn nydus_create(nydus: &str, blobs: &Path, boot: &Path) -> Command {
+    let mut c = Command::new(nydus);
+    c.args([
+        "create",
+        "-t",
+        "tar-rafs",
+        "--fs-version",
+        "6",
+        "--compressor",
+        "zstd",
+        "--log-level",
+        "warn",
+    ])
+    .arg("-D")
+    .arg(blobs)
+    .arg("-B")
+    .arg(boot);
+    c
+}
+
 struct Ctx {
     tessera: PathBuf,
     nydus: String,
@@ -196,22 +217,7 @@ impl Ctx {
         };
         for (i, l) in layers.iter().enumerate() {
             let boot = scratch.join(format!("layer{i}.boot"));
-            let mut c = Command::new(&self.nydus);
-            c.args([
-                "create",
-                "-t",
-                "tar-rafs",
-                "--fs-version",
-                "6",
-                "--compressor",
-                "zstd",
-                "--log-level",
-                "warn",
-            ])
-            .arg("-D")
-            .arg(blobs)
-            .arg("-B")
-            .arg(&boot);
+            let mut c = nydus_create(&self.nydus, blobs, &boot);
             if let Some(d) = dict {
                 c.arg("--chunk-dict")
                     .arg(format!("bootstrap={}", d.display()));
@@ -647,25 +653,7 @@ fn main() -> Result<()> {
         let nb = dir.join("nydus-out");
         let _ = std::fs::remove_dir_all(&nb);
         std::fs::create_dir_all(&nb)?;
-        let nr = timed(
-            Command::new(&ctx.nydus)
-                .args([
-                    "create",
-                    "-t",
-                    "tar-rafs",
-                    "--fs-version",
-                    "6",
-                    "--compressor",
-                    "zstd",
-                    "--log-level",
-                    "warn",
-                ])
-                .arg("-D")
-                .arg(&nb)
-                .arg("-B")
-                .arg(nb.join("boot"))
-                .arg(dir.join("layer.tar")),
-        )?;
+        let nr = timed(nydus_create(&ctx.nydus, &nb, &nb.join("boot")).arg(dir.join("layer.tar")))?;
         let bytes = (args.big_gb * 1e9) as u64;
         table.push_str(&format!(
             "| {:.0} GB image: peak RSS | {} MiB | {} MiB | {:.2} | ≤ 512 MiB |\n| {:.0} GB image: throughput | {:.0} MB/s | {:.0} MB/s | {:.2}× faster | ≥ 2× nydus |\n",
