@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 W=$(realpath -m "${1:-./tessera-demo}")
 rm -rf "$W"; mkdir -p "$W"
 cargo build --release -q
-T=$PWD/target/release/tessera
+T=${CARGO_TARGET_DIR:-$PWD/target}/release/tessera
 
 # An OCI image layout with one gzip layer per directory argument (python3 stdlib only).
 make_image() {  # make_image LAYOUT TAG DIR...
