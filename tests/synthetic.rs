@@ -565,3 +565,79 @@ fn multi_platform_index_becomes_an_index_of_tessera_manifests() {
         "{err}"
     );
 }
+
+/// A pack whose chunks are all deleted by a later layer is not published; a later
+/// platform holding the same content must store it again rather than reference it.
+#[test]
+fn chunks_of_unpublished_packs_are_not_reused() {
+    let w = tempfile::tempdir().unwrap();
+    let src = w.path().join("src");
+    let big = noise(400_000, 77);
+    let mut l1 = TarBuilder::new();
+    l1.file(b"big", 0o644, &big);
+    let mut l2 = TarBuilder::new();
+    l2.file(b".wh.big", 0o644, b"").file(b"small", 0o644, b"x");
+    let a = write_image(
+        &src,
+        "amd",
+        &[
+            Layer {
+                tar: l1.finish(),
+                compression: "gzip",
+            },
+            Layer {
+                tar: l2.finish(),
+                compression: "gzip",
+            },
+        ],
+        |_| {},
+    );
+    let mut l3 = TarBuilder::new();
+    l3.file(b"big", 0o644, &big);
+    let b = write_image(
+        &src,
+        "arm",
+        &[Layer {
+            tar: l3.finish(),
+            compression: "gzip",
+        }],
+        |_| {},
+    );
+    let size = |d: &str| {
+        std::fs::metadata(src.join("blobs/sha256").join(&d[7..]))
+            .unwrap()
+            .len()
+    };
+    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": a, "size": size(&a), "platform": {"os": "linux", "architecture": "amd64"}},
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": b, "size": size(&b), "platform": {"os": "linux", "architecture": "arm64"}}]})).unwrap();
+    let id = write_blob(&src, &index);
+    let idx_path = src.join("index.json");
+    let mut top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&idx_path).unwrap()).unwrap();
+    top["manifests"].as_array_mut().unwrap().push(serde_json::json!({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": id, "size": index.len(), "annotations": {"org.opencontainers.image.ref.name": "multi"}}));
+    std::fs::write(&idx_path, serde_json::to_vec(&top).unwrap()).unwrap();
+    let dst = w.path().join("dst");
+    run_ok(tessera().args([
+        "convert",
+        "--no-cache",
+        &format!("oci:{}:multi", src.display()),
+        &format!("oci:{}:multi", dst.display()),
+    ]));
+    let out = w.path().join("arm-rootfs");
+    run_ok(
+        tessera()
+            .args([
+                "unpack",
+                "--platform",
+                "linux/arm64",
+                &format!("oci:{}:multi", dst.display()),
+            ])
+            .arg(&out),
+    );
+    assert_eq!(std::fs::read(out.join("big")).unwrap(), big);
+    // Untagged per-platform manifests are blobs, not index.json entries.
+    let top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dst.join("index.json")).unwrap()).unwrap();
+    assert_eq!(top["manifests"].as_array().unwrap().len(), 1);
+}

@@ -100,6 +100,7 @@ struct Done {
 fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
     let s = std::str::from_utf8(v).ok()?;
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let negative = secs.starts_with('-');
     let secs: i64 = secs.parse().ok()?;
     let mut digits: String = frac.chars().take(9).collect();
     if !digits.chars().all(|c| c.is_ascii_digit()) {
@@ -109,7 +110,7 @@ fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
         digits.push('0');
     }
     let mut nanos: u32 = digits.parse().ok()?;
-    if secs < 0 && nanos > 0 {
+    if negative && nanos > 0 {
         // "-1.5" means 1.5 s before the epoch.
         return Some((secs - 1, 1_000_000_000 - nanos));
     }
@@ -213,7 +214,9 @@ fn read_tar<R: Read>(
                 }
             }
         }
-        meta.xattrs.sort();
+        // The last record of a repeated key wins, as in tar extractors.
+        meta.xattrs.reverse();
+        meta.xattrs.sort_by(|a, b| a.0.cmp(&b.0));
         meta.xattrs.dedup_by(|a, b| a.0 == b.0);
         let node = |kind| {
             LayerOp::Node(TreeNode {
@@ -438,29 +441,38 @@ pub fn convert_layer(
                     }
                 };
                 for w in work_rx {
-                    let id = Digest::of(&w.data);
-                    let len = w.data.len() as u32;
-                    let res = if known(&id) {
-                        Ok(Done {
-                            seq: w.seq,
-                            id,
-                            len,
-                            stored: None,
-                        })
-                    } else {
-                        compressor
-                            .compress(&w.data)
-                            .map(|s| Done {
+                    // A panic here must not leave the writer waiting for this sequence
+                    // number forever: it becomes an error for the whole layer.
+                    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let id = Digest::of(&w.data);
+                        let len = w.data.len() as u32;
+                        if known(&id) {
+                            Ok(Done {
                                 seq: w.seq,
                                 id,
                                 len,
-                                stored: Some(s),
+                                stored: None,
                             })
-                            .map_err(|e| ConvertError::Io {
-                                context: "compressing a chunk".into(),
-                                source: e,
-                            })
-                    };
+                        } else {
+                            compressor
+                                .compress(&w.data)
+                                .map(|s| Done {
+                                    seq: w.seq,
+                                    id,
+                                    len,
+                                    stored: Some(s),
+                                })
+                                .map_err(|e| ConvertError::Io {
+                                    context: "compressing a chunk".into(),
+                                    source: e,
+                                })
+                        }
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(ConvertError::Internal(
+                            "a compression worker panicked".into(),
+                        ))
+                    });
                     if done_tx.send(res).is_err() {
                         break;
                     }
@@ -590,6 +602,7 @@ mod tests {
         assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
         assert_eq!(parse_pax_time(b"1.123456789123"), Some((1, 123_456_789)));
         assert_eq!(parse_pax_time(b"-1.5"), Some((-2, 500_000_000)));
+        assert_eq!(parse_pax_time(b"-0.5"), Some((-1, 500_000_000)));
         assert_eq!(parse_pax_time(b"x"), None);
     }
 

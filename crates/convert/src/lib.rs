@@ -249,6 +249,7 @@ impl<'a> Converter<'a> {
     ) -> Result<Report, ConvertError> {
         let mut out = Vec::new();
         let mut reports = Vec::new();
+        let mut children = Vec::new();
         for child in &ix.manifests {
             let Some(p) = &child.platform else { continue };
             let plat = format!("{}/{}", p.os, p.architecture);
@@ -270,7 +271,8 @@ impl<'a> Converter<'a> {
             let child_subject =
                 Descriptor::new(&raw.media_type, &raw.digest, raw.bytes.len() as u64);
             let (mut desc, bytes, mut rep) = self.convert_image(&m, &child_subject)?;
-            self.dst.put_manifest(None, &bytes, &desc.media_type)?;
+            // Manifests are put only once every platform converted (nothing visible on failure).
+            children.push((bytes, desc.media_type.clone()));
             desc.platform = Some(p.clone());
             rep.platform = Some(plat);
             out.push(desc);
@@ -291,6 +293,9 @@ impl<'a> Converter<'a> {
             annotations: BTreeMap::new(),
         };
         let bytes = manifest::to_bytes(&index)?;
+        for (b, mt) in &children {
+            self.dst.put_manifest(None, b, mt)?;
+        }
         let digest = self.dst.put_manifest(dst_tag, &bytes, media::OCI_INDEX)?;
         Ok(Report {
             digest: digest.to_string(),
@@ -460,6 +465,7 @@ impl<'a> Converter<'a> {
             .annotations
             .insert(media::ANN_FILE_BYTES.into(), index.file_bytes().to_string());
         layers.push(idesc);
+        let mut published: HashMap<Digest, u64> = HashMap::new();
         for p in &index.packs {
             let size = if let Some(size) = staged.get(p) {
                 self.dst
@@ -482,6 +488,7 @@ impl<'a> Converter<'a> {
                 return Err(ConvertError::Internal(format!("no source for pack {p}")));
             };
             layers.push(Descriptor::new(media::PACK_MEDIA_TYPE, p, size));
+            published.insert(*p, size);
         }
         tracing::info!(
             elapsed_ms = t0.elapsed().as_millis() as u64,
@@ -491,11 +498,15 @@ impl<'a> Converter<'a> {
         self.dst.put_blob_bytes(&m.config.sha256()?, &config)?;
         self.dst.put_blob_bytes(&index_digest, &index_bytes)?;
 
-        // What this image stored is now at the destination: later images reuse it.
+        // What this image published is now at the destination: later images reuse it.
+        // Only packs of the index were published (a pack whose chunks were all deleted
+        // by a later layer was not), so only their chunks enter the dictionary.
         for (id, loc) in &local {
-            self.dict.chunks.entry(*id).or_insert(*loc);
+            if published.contains_key(&loc.pack) {
+                self.dict.chunks.entry(*id).or_insert(*loc);
+            }
         }
-        for (p, size) in staged.iter().chain(at_dst.iter()) {
+        for (p, size) in &published {
             self.dict
                 .packs
                 .entry(*p)

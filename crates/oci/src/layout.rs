@@ -239,7 +239,15 @@ impl Store for Layout {
         let dir = self.dir.join("blobs/sha256");
         // Same filesystem (e.g. packs staged by `staging_dir`): verify, then link into
         // place instead of copying, and make it durable once.
-        let linked = dir.join(format!(".link-{}", digest.hex()));
+        let linked = dir.join(
+            format!(
+                ".link-{}-{}-{:?}",
+                digest.hex(),
+                std::process::id(),
+                std::thread::current().id()
+            )
+            .replace(['(', ')'], ""),
+        );
         let _ = fs::remove_file(&linked);
         if fs::hard_link(path, &linked).is_ok() {
             let res = (|| -> Result<()> {
@@ -296,21 +304,18 @@ impl Store for Layout {
         let digest = Digest::of(bytes);
         self.put_blob_bytes(&digest, bytes)?;
         sync_dir(&self.dir.join("blobs/sha256"));
+        let Some(t) = tag else {
+            // Untagged (e.g. the per-platform children of an index): a blob reachable
+            // through whatever refers to it, not an entry of index.json.
+            return Ok(digest);
+        };
         let _g = self.index_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut idx = self.read_index()?;
         let mut list = idx["manifests"].as_array().cloned().unwrap_or_default();
         let mut desc =
             json!({"mediaType": media_type, "digest": digest.to_string(), "size": bytes.len()});
-        match tag {
-            Some(t) => {
-                list.retain(|m| m["annotations"][REF_NAME].as_str() != Some(t));
-                desc["annotations"] = json!({ REF_NAME: t });
-            }
-            None => list.retain(|m| {
-                m["digest"].as_str() != Some(&digest.to_string())
-                    || m["annotations"][REF_NAME].is_string()
-            }),
-        }
+        list.retain(|m| m["annotations"][REF_NAME].as_str() != Some(t));
+        desc["annotations"] = json!({ REF_NAME: t });
         list.push(desc);
         idx["manifests"] = Value::Array(list);
         if idx.get("schemaVersion").is_none() {

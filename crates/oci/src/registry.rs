@@ -139,17 +139,42 @@ impl Registry {
         })
     }
 
+    /// Whether `url` is on this registry's host (credentials never go anywhere else,
+    /// e.g. to an upload Location on another host).
+    fn same_host(&self, url: &reqwest::Url) -> bool {
+        let host = match (url.host_str(), url.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            _ => return false,
+        };
+        host == self.host
+    }
+
+    /// Build the request and attach credentials when it goes to this registry.
+    fn with_auth(
+        &self,
+        builder: RequestBuilder,
+        auth: Option<String>,
+    ) -> Result<reqwest::blocking::Request> {
+        let mut req = builder.build().map_err(http_err)?;
+        if let Some(a) = auth {
+            if self.same_host(req.url()) {
+                let v = reqwest::header::HeaderValue::from_str(&a)
+                    .map_err(|e| OciError::Http(e.to_string()))?;
+                req.headers_mut().insert(AUTHORIZATION, v);
+            }
+        }
+        Ok(req)
+    }
+
     fn current_auth(&self) -> Option<String> {
         self.auth.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Send a request, answering one authentication challenge if the registry asks.
     fn send(&self, build: &dyn Fn(&Client) -> RequestBuilder) -> Result<Response> {
-        let mut req = build(&self.http);
-        if let Some(a) = self.current_auth() {
-            req = req.header(AUTHORIZATION, a);
-        }
-        let resp = req.send().map_err(http_err)?;
+        let req = self.with_auth(build(&self.http), self.current_auth())?;
+        let resp = self.http.execute(req).map_err(http_err)?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
@@ -177,10 +202,8 @@ impl Registry {
             format!("Bearer {}", self.fetch_token(&params)?)
         };
         *self.auth.lock().unwrap_or_else(|p| p.into_inner()) = Some(header.clone());
-        let resp = build(&self.http)
-            .header(AUTHORIZATION, header)
-            .send()
-            .map_err(http_err)?;
+        let req = self.with_auth(build(&self.http), Some(header))?;
+        let resp = self.http.execute(req).map_err(http_err)?;
         if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
             return Err(OciError::Unauthorized {
                 host: self.host.clone(),
@@ -397,15 +420,13 @@ impl Store for Registry {
         let f = std::fs::File::open(path)
             .map_err(|e| OciError::io(format!("opening {}", path.display()), e))?;
         // The file body is consumed once; authentication was settled by the POST.
-        let mut req = self
+        let builder = self
             .http
             .put(&url)
             .header(CONTENT_TYPE, "application/octet-stream")
             .body(reqwest::blocking::Body::sized(f, size));
-        if let Some(a) = self.current_auth() {
-            req = req.header(AUTHORIZATION, a);
-        }
-        let resp = req.send().map_err(http_err)?;
+        let req = self.with_auth(builder, self.current_auth())?;
+        let resp = self.http.execute(req).map_err(http_err)?;
         if !resp.status().is_success() {
             return Err(self.error_of(&format!("uploading blob {digest}"), resp));
         }
@@ -474,6 +495,25 @@ mod tests {
         let (s, p) = parse_challenge(r#"Basic realm="x""#).unwrap();
         assert_eq!(s, "Basic");
         assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn credentials_stay_on_the_registry_host() {
+        let r = Registry::new("127.0.0.1:5000", "a/b", true, &ClientOptions::default()).unwrap();
+        let on = r
+            .with_auth(
+                r.http.get("http://127.0.0.1:5000/v2/a/b/blobs/uploads/x"),
+                Some("Bearer t".into()),
+            )
+            .unwrap();
+        assert_eq!(on.headers()[AUTHORIZATION], "Bearer t");
+        let off = r
+            .with_auth(
+                r.http.put("http://elsewhere.example:9000/upload/x"),
+                Some("Bearer t".into()),
+            )
+            .unwrap();
+        assert!(off.headers().get(AUTHORIZATION).is_none());
     }
 
     #[test]
