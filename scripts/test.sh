@@ -20,7 +20,7 @@ fi
 
 step "system packages"
 need=()
-for t in umoci:umoci skopeo:skopeo docker-registry:docker-registry debootstrap:debootstrap jq:jq zstd:zstd tar:tar; do
+for t in umoci:umoci skopeo:skopeo docker-registry:docker-registry debootstrap:debootstrap jq:jq zstd:zstd tar:tar openssl:openssl; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -301,6 +301,11 @@ pub struct DockerRegistry {
 
 impl DockerRegistry {
     pub fn start() -> DockerRegistry {
+        Self::start_with("")
+    }
+
+    /// Start with extra top-level YAML appended to the config (e.g. an `auth:` block).
+    pub fn start_with(extra_yaml: &str) -> DockerRegistry {
         require_tool("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -309,7 +314,7 @@ impl DockerRegistry {
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{extra_yaml}",
                 dir.path().join("data").display()
             ),
         )
