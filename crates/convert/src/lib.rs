@@ -117,8 +117,12 @@ impl Dictionary {
         };
         let before = self.chunks.len();
         let si = self.stores.len();
+        // Load every platform first: a failure leaves the dictionary as it was.
+        let mut images = Vec::with_capacity(refs.len());
         for r in refs {
-            let img = TesseraImage::open(store.as_ref(), &r, "")?;
+            images.push(TesseraImage::open(store.as_ref(), &r, "")?);
+        }
+        for img in &images {
             for c in &img.index.chunks {
                 let pack = img.index.packs[c.pack as usize];
                 self.chunks.entry(c.id).or_insert(StoredChunk {

@@ -128,10 +128,13 @@ pub fn unpack(
         })?;
     }
     let kept = tmp.keep();
-    std::fs::rename(&kept, dest).map_err(|e| ImageError::Io {
-        context: format!("renaming into {}", dest.display()),
-        source: e,
-    })?;
+    if let Err(e) = std::fs::rename(&kept, dest) {
+        let _ = std::fs::remove_dir_all(&kept);
+        return Err(ImageError::Io {
+            context: format!("renaming into {}", dest.display()),
+            source: e,
+        });
+    }
     Ok(report)
 }
 

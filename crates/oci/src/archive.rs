@@ -19,6 +19,24 @@ struct ArchiveManifest {
     layers: Vec<String>,
 }
 
+/// The digest a member name claims: `<hex>.tar`, `<hex>.json` (skopeo, docker < 25) or
+/// `blobs/sha256/<hex>` (docker >= 25).
+fn claimed_digest(name: &str) -> Option<Digest> {
+    let n = name.trim_start_matches("./");
+    let hex = n
+        .strip_prefix("blobs/sha256/")
+        .or_else(|| n.strip_suffix(".tar"))
+        .or_else(|| n.strip_suffix(".json"))?;
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    format!("sha256:{hex}").parse().ok()
+}
+
 /// A docker-archive tarball opened for reading.
 pub struct DockerArchive {
     file: PathBuf,
@@ -73,6 +91,12 @@ impl DockerArchive {
                     file.display()
                 ))
             })?;
+            if let Some(d) = claimed_digest(name) {
+                // Named by its digest (`docker save`, skopeo): no hashing pass here; every
+                // read of the member is verified against the name, so a lie fails there.
+                blobs.insert(d, (off, size));
+                return Ok((d, size));
+            }
             let mut f = File::open(file).map_err(ctx)?;
             f.seek(SeekFrom::Start(off)).map_err(ctx)?;
             let mut hr = HashingReader::new(io::BufReader::with_capacity(1 << 20, f.take(size)));
