@@ -219,12 +219,7 @@ fn anonymous_bearer_token_flow() {
     let (reg, ts) = token_registry(w.path(), None);
     let src = small_image(w.path());
     let r = format!("{}/anon/img:v1", reg.addr);
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
-        &format!("oci:{}:v1", src.display()),
-        &r,
-    ]));
+    convert(&format!("oci:{}:v1", src.display()), &r, &[]);
     let out = w.path().join("rootfs");
     run_ok(tessera().args(["unpack", &r]).arg(&out));
     assert!(out.join("hello").exists());

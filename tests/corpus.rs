@@ -66,36 +66,27 @@ fn zstd_layers_and_docker_archives_give_the_same_index() {
     let c = corpus();
     let w = tempfile::tempdir().unwrap();
     let store = format!("oci:{}/store", w.path().display());
-    let index_of = |tag: &str| {
-        let js = run_ok(tessera().args(["inspect", "--json", &format!("{store}:{tag}")]));
-        serde_json::from_str::<serde_json::Value>(&js).unwrap()["index_digest"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
+    let index_of = |tag: &str| index_digest(&format!("{store}:{tag}"));
+    convert(
         &format!("oci:{}/oci/debian-python:latest", c.display()),
         &format!("{store}:gzip"),
-    ]));
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
+        &[],
+    );
+    convert(
         &format!("oci:{}/oci/debian-python-zstd:latest", c.display()),
         &format!("{store}:zstd"),
-    ]));
+        &[],
+    );
     assert_eq!(index_of("gzip"), index_of("zstd"));
     let archive = c.join("docker-archive/debian-python.tar");
     assert!(
         archive.exists(),
         "corpus built without docker-archive exports (DOCKER_ARCHIVE=0?)"
     );
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
+    convert(
         &format!("docker-archive:{}", archive.display()),
         &format!("{store}:archive"),
-    ]));
+        &[],
+    );
     assert_eq!(index_of("gzip"), index_of("archive"));
 }

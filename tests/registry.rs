@@ -49,12 +49,11 @@ fn convert_to_and_from_docker_registry() {
 
     let a = &reg.addr;
     // OCI layout → registry.
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
+    convert(
         &format!("oci:{}:v1", src.display()),
         &format!("{a}/tessera/base:v1"),
-    ]));
+        &[],
+    );
     // Registry → registry in another repository, deduplicated against v1: the base pack
     // is mounted, only the app layer's chunks are new.
     let plain = format!("{a}/plain/app:v2");
@@ -87,12 +86,11 @@ fn convert_to_and_from_docker_registry() {
             .args(["unpack", &format!("{a}/tessera/app:v2")])
             .arg(&from_reg),
     );
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
+    convert(
         &format!("oci:{}:v2", src.display()),
         &format!("oci:{}/dst:v2", w.path().display()),
-    ]));
+        &[],
+    );
     let from_layout = w.path().join("from-layout");
     run_ok(
         tessera()

@@ -97,12 +97,11 @@ fn edge_cases_unpack_identical_to_umoci_and_convert_is_deterministic() {
     write_image(&src, "edge-gz", &gz, |_| {});
     let src_ref = format!("oci:{}:edge", src.display());
 
-    let out1 = run_ok(tessera().args([
-        "convert",
-        "--no-cache",
+    let out1 = convert(
         &src_ref,
         &format!("oci:{}/dst1:edge", w.path().display()),
-    ]));
+        &[],
+    );
     let out2 = run_ok(tessera().args([
         "convert",
         "--no-cache",
@@ -127,23 +126,12 @@ fn edge_cases_unpack_identical_to_umoci_and_convert_is_deterministic() {
     let reference = umoci_rootfs(&src, "edge-gz", w.path());
     assert_same_tree(&reference, &ours);
     // Layer compression does not change the index.
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
+    convert(
         &format!("oci:{}:edge-gz", src.display()),
         &format!("oci:{}/dst3:edge", w.path().display()),
-    ]));
-    let index_of = |d: &str| {
-        let js = run_ok(tessera().args([
-            "inspect",
-            "--json",
-            &format!("oci:{}/{d}:edge", w.path().display()),
-        ]));
-        serde_json::from_str::<serde_json::Value>(&js).unwrap()["index_digest"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+        &[],
+    );
+    let index_of = |d: &str| index_digest(&format!("oci:{}/{d}:edge", w.path().display()));
     assert_eq!(index_of("dst1"), index_of("dst3"));
 
     // Spot checks that the edge cases really are there.
@@ -201,12 +189,11 @@ fn dedup_with_dictionary_and_layer_cache() {
         |_| {},
     );
     let dst = format!("oci:{}/dst", w.path().display());
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
+    convert(
         &format!("oci:{}:v1", src.display()),
         &format!("{dst}:v1"),
-    ]));
+        &[],
+    );
     let v = run_json(tessera().args([
         "convert",
         "--no-cache",
@@ -411,12 +398,11 @@ fn corrupt_pack_or_index_fails_unpack_and_writes_nothing() {
         |_| {},
     );
     let dst = w.path().join("dst");
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
+    convert(
         &format!("oci:{}:img", src.display()),
         &format!("oci:{}:img", dst.display()),
-    ]));
+        &[],
+    );
     let v = run_json(tessera().args(["inspect", "--json", &format!("oci:{}:img", dst.display())]));
     let pack = v["packs"][0]["digest"].as_str().unwrap().to_string();
     let pack_path = dst.join("blobs/sha256").join(&pack[7..]);
@@ -618,12 +604,11 @@ fn chunks_of_unpublished_packs_are_not_reused() {
     top["manifests"].as_array_mut().unwrap().push(serde_json::json!({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": id, "size": index.len(), "annotations": {"org.opencontainers.image.ref.name": "multi"}}));
     std::fs::write(&idx_path, serde_json::to_vec(&top).unwrap()).unwrap();
     let dst = w.path().join("dst");
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
+    convert(
         &format!("oci:{}:multi", src.display()),
         &format!("oci:{}:multi", dst.display()),
-    ]));
+        &[],
+    );
     let out = w.path().join("arm-rootfs");
     run_ok(
         tessera()

@@ -39,6 +39,24 @@ pub fn run_json(cmd: &mut Command) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{cmd:?} printed invalid JSON ({e}): {out}"))
 }
 
+/// Digest of the index blob of the tessera image `reference` (`tessera inspect --json`).
+pub fn index_digest(reference: &str) -> String {
+    run_json(tessera().args(["inspect", "--json", reference]))["index_digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `tessera convert --no-cache SRC DST [EXTRA...]`, required to succeed; returns stdout.
+pub fn convert(src: &str, dst: &str, extra: &[&str]) -> String {
+    run_ok(
+        tessera()
+            .args(["convert", "--no-cache"])
+            .args(extra)
+            .args([src, dst]),
+    )
+}
+
 /// Run and require failure; returns stderr.
 pub fn run_err(cmd: &mut Command) -> String {
     let out: Output = cmd

@@ -6,7 +6,6 @@
 //! packs sorted by digest, and hardlink groups point at their first member in that order,
 //! so the same tree always gives the same bytes. See docs/format.md.
 
-use crate::chunker::MAX_CHUNK;
 use crate::pack::check_location;
 use crate::Digest;
 use serde::{Deserialize, Serialize};
@@ -622,9 +621,6 @@ pub fn show(path: &[Vec<u8>]) -> String {
     }
     String::from_utf8_lossy(&path.join(&b'/')).into_owned()
 }
-
-/// Largest chunk length a file may have (re-exported for decoders).
-pub const MAX_CHUNK_LEN: usize = MAX_CHUNK;
 
 #[cfg(test)]
 mod tests {
