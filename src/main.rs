@@ -78,6 +78,10 @@ SRC and DST are image references (see `tessera --help`).")]
         /// Do not use or fill the converted-layer cache.
         #[arg(long)]
         no_cache: bool,
+        /// Do not ask a tessera registry destination which chunks it already holds
+        /// (by default only chunks it lacks are uploaded).
+        #[arg(long)]
+        no_global_dedup: bool,
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -110,6 +114,21 @@ SRC and DST are image references (see `tessera --help`).")]
         #[command(flatten)]
         reg: RegistryArgs,
     },
+    /// Run the registry: OCI Distribution v1.1 with a global chunk index and pull-through caching.
+    #[command(
+        after_help = "Every flag has a config-file key of the same name with _ for -
+(listen, root, htpasswd, tls_cert, tls_key, max_manifest_bytes, max_blob_bytes,
+delete_enabled, upload_ttl_secs, shutdown_grace_secs, [[access]], [[upstream]]);
+flags win over the file. See docs/registry-api.md.
+
+Examples:
+  tessera serve                                   # 127.0.0.1:5000, data in ~/.local/share/tessera/registry
+  tessera serve --listen 0.0.0.0:5000 --root /srv/tessera
+  tessera serve --htpasswd /etc/tessera/htpasswd --tls-cert cert.pem --tls-key key.pem
+  tessera serve --upstream docker.io=https://registry-1.docker.io   # pull docker.io/library/debian:12
+  tessera serve --config /etc/tessera/registry.toml"
+    )]
+    Serve(ServeArgs),
     /// Compare two directory trees (content, type, mode, owner, mtime, xattrs, links).
     #[command(
         name = "diff-tree",
@@ -130,8 +149,93 @@ Example:
     },
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:5000]; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory [default: $XDG_DATA_HOME/tessera/registry].
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// TOML config file; its keys are the flags' names.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// htpasswd file with bcrypt entries (`htpasswd -B`); requests then need credentials.
+    #[arg(long, value_name = "FILE")]
+    htpasswd: Option<PathBuf>,
+    /// TLS certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Pull-through upstream NAME=URL (repeatable): repositories NAME/... and requests
+    /// with ?ns=NAME are served from URL and cached.
+    #[arg(long, value_name = "NAME=URL")]
+    upstream: Vec<String>,
+    /// Largest manifest accepted, in bytes [default: 4194304].
+    #[arg(long, value_name = "BYTES")]
+    max_manifest_bytes: Option<u64>,
+    /// Largest blob upload accepted, in bytes [default: 64 GiB].
+    #[arg(long, value_name = "BYTES")]
+    max_blob_bytes: Option<u64>,
+    /// Refuse DELETE of manifests and blobs (405).
+    #[arg(long)]
+    no_delete: bool,
+}
+
+fn serve(args: &ServeArgs) -> Result<i32> {
+    use tessera_registry::config::{Config, UpstreamConfig};
+    let mut cfg = match &args.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = &args.root {
+        cfg.root = v.clone();
+    }
+    if let Some(v) = &args.htpasswd {
+        cfg.htpasswd = Some(v.clone());
+    }
+    if let Some(v) = &args.tls_cert {
+        cfg.tls_cert = Some(v.clone());
+    }
+    if let Some(v) = &args.tls_key {
+        cfg.tls_key = Some(v.clone());
+    }
+    if let Some(v) = args.max_manifest_bytes {
+        cfg.max_manifest_bytes = v;
+    }
+    if let Some(v) = args.max_blob_bytes {
+        cfg.max_blob_bytes = v;
+    }
+    if args.no_delete {
+        cfg.delete_enabled = false;
+    }
+    for u in &args.upstream {
+        cfg.upstream
+            .push(UpstreamConfig::parse_flag(u).map_err(anyhow::Error::msg)?);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(tessera_registry::serve(cfg, |addr, tls| {
+        use std::io::Write as _;
+        let scheme = if tls { "https" } else { "http" };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {scheme}://{addr}");
+        let _ = out.flush();
+    }))
+    .context("tessera serve")?;
+    Ok(0)
+}
+
 fn init_logging(cli: &Cli) {
     let default = match cli.verbose {
+        0 if matches!(cli.cmd, Cmd::Serve(_)) => "info",
         0 => "warn",
         1 => "info",
         _ => "debug",
@@ -140,7 +244,8 @@ fn init_logging(cli: &Cli) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match cli.log_format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
@@ -206,6 +311,7 @@ fn mb(n: u64) -> String {
 
 fn run(cli: &Cli) -> Result<i32> {
     match &cli.cmd {
+        Cmd::Serve(args) => serve(args),
         Cmd::Convert {
             src,
             dst,
@@ -214,6 +320,7 @@ fn run(cli: &Cli) -> Result<i32> {
             threads,
             cache_dir,
             no_cache,
+            no_global_dedup,
             json,
             reg,
         } => {
@@ -235,6 +342,7 @@ fn run(cli: &Cli) -> Result<i32> {
             let mut opts = ConvertOptions {
                 zstd_level: *zstd_level,
                 platform: reg.platform.clone(),
+                global_dedup: !*no_global_dedup,
                 ..ConvertOptions::default()
             };
             if let Some(t) = threads {
@@ -264,8 +372,17 @@ fn run(cli: &Cli) -> Result<i32> {
                         .as_deref()
                         .map(|p| format!(" [{p}]"))
                         .unwrap_or_default();
+                    let remote = if i.registry_dedup_chunks > 0 {
+                        format!(
+                            "; {} chunks ({}) already in the registry",
+                            i.registry_dedup_chunks,
+                            mb(i.registry_dedup_bytes)
+                        )
+                    } else {
+                        String::new()
+                    };
                     eprintln!(
-                        "converted{plat}: {} layers ({} cached), {} entries, {} of files in {} chunks; new: {} chunks, {} → {} stored; index {}; {:.1}s ({:.0} MB/s)",
+                        "converted{plat}: {} layers ({} cached), {} entries, {} of files in {} chunks; new: {} chunks, {} → {} stored{remote}; index {}; {:.1}s ({:.0} MB/s)",
                         i.layers,
                         i.layers_from_cache,
                         i.entries,

@@ -6,7 +6,7 @@ use crate::tree::{LayerEntry, LayerOp, TreePath};
 use crate::ConvertError;
 use crossbeam_channel::{bounded, unbounded};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufWriter, Read};
+use std::io::{self, BufWriter, Read, Seek};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tessera_format::chunker::StreamChunker;
@@ -406,6 +406,68 @@ impl<'a> PackSink<'a> {
         self.done.push((digest, size));
         Ok(())
     }
+}
+
+/// New packs (digest, size) and where each kept chunk now is.
+pub type Repacked = (Vec<(Digest, u64)>, HashMap<Digest, StoredChunk>);
+
+/// Rewrite staged packs without the chunks in `drop` (the destination registry already
+/// holds them). Frames are copied as they are, never recompressed. Returns the new packs
+/// (packs left empty disappear) and the new locations of the chunks kept.
+pub fn drop_chunks(
+    staging: &Path,
+    packs: &[(Digest, u64)],
+    drop: &std::collections::HashSet<Digest>,
+) -> Result<Repacked, ConvertError> {
+    let io = |context: &str, e: io::Error| ConvertError::Io {
+        context: context.to_string(),
+        source: e,
+    };
+    let mut out_packs = Vec::new();
+    let mut located = HashMap::new();
+    for (p, size) in packs {
+        let path = staging.join(p.hex());
+        let mut f = std::fs::File::open(&path).map_err(|e| io("reopening a staged pack", e))?;
+        let toc = tessera_format::pack::read_toc(&mut f)
+            .map_err(|e| ConvertError::Internal(format!("staged pack {p}: {e}")))?;
+        if !toc.iter().any(|e| drop.contains(&e.id)) {
+            out_packs.push((*p, *size));
+            for e in &toc {
+                located.insert(
+                    e.id,
+                    StoredChunk {
+                        pack: *p,
+                        offset: e.offset,
+                        stored_len: e.stored_len,
+                        len: e.uncompressed_len,
+                        raw: e.raw,
+                    },
+                );
+            }
+            continue;
+        }
+        let mut sink = PackSink {
+            staging,
+            current: None,
+            done: Vec::new(),
+            open_chunks: Vec::new(),
+            located: HashMap::new(),
+        };
+        let mut buf = Vec::new();
+        for e in toc.iter().filter(|e| !drop.contains(&e.id)) {
+            f.seek(io::SeekFrom::Start(e.offset))
+                .map_err(|err| io("reading a staged pack", err))?;
+            buf.resize(e.stored_len as usize, 0);
+            f.read_exact(&mut buf)
+                .map_err(|err| io("reading a staged pack", err))?;
+            sink.add(e.id, e.uncompressed_len, &buf, e.raw)?;
+        }
+        sink.close()?;
+        std::fs::remove_file(&path).map_err(|e| io("removing a staged pack", e))?;
+        out_packs.extend(sink.done);
+        located.extend(sink.located);
+    }
+    Ok((out_packs, located))
 }
 
 /// Convert one layer blob. `known` says whether a chunk is already stored (dictionary,

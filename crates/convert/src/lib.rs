@@ -15,13 +15,13 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tessera_format::index::{build_index, IndexError, StoredChunk};
 use tessera_format::{chunker, media, Digest, FORMAT_VERSION};
 use tessera_image::{ImageError, TesseraImage};
 use tessera_oci::manifest::{self, Descriptor, ImageIndex, ImageManifest, Parsed};
-use tessera_oci::{OciError, Store};
+use tessera_oci::{OciError, RemoteChunk, Store};
 use tree::{LayerEntry, MergedTree};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,9 @@ pub struct Options {
     pub platform: Option<String>,
     /// Where to stage packs before they are published (None: system temp dir).
     pub staging_dir: Option<PathBuf>,
+    /// Ask a tessera registry destination which chunks it already holds, and upload
+    /// only the others (global dedup without a hand-picked dictionary).
+    pub global_dedup: bool,
 }
 
 impl Default for Options {
@@ -66,6 +69,7 @@ impl Default for Options {
             cache_dir: None,
             platform: None,
             staging_dir: None,
+            global_dedup: true,
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct Dictionary {
     chunks: HashMap<Digest, StoredChunk>,
     packs: HashMap<Digest, (PackSource, u64)>,
     stores: Vec<Box<dyn Store>>,
+    /// Repository of the destination registry → index into `stores`.
+    remote_repos: HashMap<String, usize>,
 }
 
 impl Dictionary {
@@ -144,6 +150,44 @@ impl Dictionary {
     }
 }
 
+impl Dictionary {
+    /// Add chunks that the destination registry's chunk index reported; their packs are
+    /// mounted from `repository` (a sibling of `dst`) when the image is published.
+    fn add_remote(
+        &mut self,
+        dst: &dyn Store,
+        found: &[(Digest, RemoteChunk)],
+    ) -> Result<(), ConvertError> {
+        for (id, c) in found {
+            let si = match self.remote_repos.get(&c.repository) {
+                Some(i) => *i,
+                None => {
+                    let store = dst.sibling(&c.repository).ok_or_else(|| {
+                        ConvertError::Internal(
+                            "chunk index answer from a store without siblings".into(),
+                        )
+                    })?;
+                    self.stores.push(store);
+                    self.remote_repos
+                        .insert(c.repository.clone(), self.stores.len() - 1);
+                    self.stores.len() - 1
+                }
+            };
+            self.chunks.entry(*id).or_insert(StoredChunk {
+                pack: c.pack,
+                offset: c.offset,
+                stored_len: c.stored_len,
+                len: c.len,
+                raw: c.raw,
+            });
+            self.packs
+                .entry(c.pack)
+                .or_insert((PackSource::Store(si), c.pack_size));
+        }
+        Ok(())
+    }
+}
+
 /// Figures for one converted image (one platform).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ImageReport {
@@ -160,6 +204,9 @@ pub struct ImageReport {
     pub new_chunks: u64,
     pub new_bytes: u64,
     pub new_stored_bytes: u64,
+    /// Chunks (and their uncompressed bytes) the destination registry already held.
+    pub registry_dedup_chunks: u64,
+    pub registry_dedup_bytes: u64,
     pub index_bytes: u64,
     pub packs: usize,
     pub seconds: f64,
@@ -224,6 +271,54 @@ impl<R: Read> Read for ProgressRead<R> {
 }
 
 impl<'a> Converter<'a> {
+    /// Drop from this layer's new packs every chunk the destination registry already
+    /// holds (its global chunk index); the index then points at the registry's packs.
+    fn dedup_with_destination(
+        &mut self,
+        out: &mut layer::LayerOutput,
+        staging: &Path,
+        rep: &mut ImageReport,
+    ) -> Result<(), ConvertError> {
+        if !self.opts.global_dedup || out.new_chunks.is_empty() {
+            return Ok(());
+        }
+        let mut ids: Vec<Digest> = out.new_chunks.keys().copied().collect();
+        ids.sort();
+        let Some(answers) = self.dst.query_chunks(&ids)? else {
+            return Ok(());
+        };
+        let found: Vec<(Digest, RemoteChunk)> = ids
+            .iter()
+            .zip(answers)
+            .filter_map(|(id, a)| a.map(|a| (*id, a)))
+            .filter(|(id, a)| out.new_chunks.get(id).is_some_and(|c| c.len == a.len))
+            .collect();
+        if found.is_empty() {
+            return Ok(());
+        }
+        self.dict.add_remote(self.dst, &found)?;
+        let drop: std::collections::HashSet<Digest> = found.iter().map(|(id, _)| *id).collect();
+        let (packs, located) = layer::drop_chunks(staging, &out.packs, &drop)?;
+        let dropped_bytes: u64 = found.iter().map(|(_, c)| u64::from(c.len)).sum();
+        out.packs = packs;
+        out.new_chunks = located;
+        out.stats.new_chunks = out.new_chunks.len() as u64;
+        out.stats.new_bytes = out.stats.new_bytes.saturating_sub(dropped_bytes);
+        out.stats.new_stored_bytes = out
+            .new_chunks
+            .values()
+            .map(|c| u64::from(c.stored_len))
+            .sum();
+        rep.registry_dedup_chunks += found.len() as u64;
+        rep.registry_dedup_bytes += dropped_bytes;
+        tracing::info!(
+            chunks = found.len(),
+            bytes = dropped_bytes,
+            "chunks already in the destination registry"
+        );
+        Ok(())
+    }
+
     /// Convert the image `src_ref` and tag the result `dst_tag` at the destination.
     pub fn convert(
         &mut self,
@@ -376,7 +471,7 @@ impl<'a> Converter<'a> {
             let dict = &self.dict.chunks;
             let local_ref = &local;
             let known = move |d: &Digest| dict.contains_key(d) || local_ref.contains_key(d);
-            let out = layer::convert_layer(
+            let mut out = layer::convert_layer(
                 blob,
                 comp,
                 &known,
@@ -391,6 +486,7 @@ impl<'a> Converter<'a> {
                 other => other,
             })?;
             bar.finish_and_clear();
+            self.dedup_with_destination(&mut out, staging.path(), &mut rep)?;
             tracing::info!(layer = i, digest = %l.digest, tar_bytes = out.stats.tar_bytes, new_chunks = out.stats.new_chunks, elapsed_ms = t0.elapsed().as_millis() as u64, "layer converted");
             tree.apply(&out.entries)?;
             rep.tar_bytes += out.stats.tar_bytes;

@@ -101,6 +101,28 @@ pub trait Store: Send + Sync {
     fn registry_location(&self) -> Option<(String, String)> {
         None
     }
+    /// Ask a tessera registry which of these chunks it already holds (one answer per id,
+    /// in order). `None`: the store has no chunk index (not a tessera registry).
+    fn query_chunks(&self, _ids: &[Digest]) -> Result<Option<Vec<Option<RemoteChunk>>>> {
+        Ok(None)
+    }
+    /// Another repository of the same registry (same host, same credentials).
+    fn sibling(&self, _repository: &str) -> Option<Box<dyn Store>> {
+        None
+    }
+}
+
+/// Where a tessera registry holds a chunk (answer of its chunk index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteChunk {
+    pub pack: Digest,
+    pub pack_size: u64,
+    /// A repository of that registry the pack can be read (and mounted) from.
+    pub repository: String,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub len: u32,
+    pub raw: bool,
 }
 
 /// Copy a blob by streaming it (verified) into a temporary file, then storing that.

@@ -36,6 +36,10 @@ pub struct Registry {
     base: String,
     basic: Option<(String, String)>,
     auth: Mutex<Option<String>>,
+    /// `scheme://host`, for registry-wide endpoints.
+    origin: String,
+    /// Whether the registry answers the tessera chunk query (learned on first use).
+    chunk_index: Mutex<Option<bool>>,
 }
 
 fn http_err(e: reqwest::Error) -> OciError {
@@ -136,7 +140,23 @@ impl Registry {
             base: format!("{scheme}://{host}/v2/{repo}"),
             basic,
             auth: Mutex::new(None),
+            origin: format!("{scheme}://{host}"),
+            chunk_index: Mutex::new(None),
         })
+    }
+
+    /// The same registry and credentials, another repository.
+    pub fn with_repo(&self, repo: &str) -> Registry {
+        Registry {
+            http: self.http.clone(),
+            host: self.host.clone(),
+            repo: repo.to_string(),
+            base: format!("{}/v2/{repo}", self.origin),
+            basic: self.basic.clone(),
+            auth: Mutex::new(None),
+            origin: self.origin.clone(),
+            chunk_index: Mutex::new(*self.chunk_index.lock().unwrap_or_else(|p| p.into_inner())),
+        }
     }
 
     /// Whether `url` is on this registry's host (credentials never go anywhere else,
@@ -466,6 +486,48 @@ impl Store for Registry {
         Ok(digest)
     }
 
+    fn query_chunks(&self, ids: &[Digest]) -> Result<Option<Vec<Option<crate::RemoteChunk>>>> {
+        if *self.chunk_index.lock().unwrap_or_else(|p| p.into_inner()) == Some(false) {
+            return Ok(None);
+        }
+        let url = format!("{}/tessera/v1/chunks", self.origin);
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(50_000) {
+            let body = serde_json::json!({
+                "chunks": batch.iter().map(|d| d.hex()).collect::<Vec<_>>()
+            })
+            .to_string();
+            let resp = self.send(&|c| {
+                c.post(&url)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body.clone())
+            })?;
+            if !resp.status().is_success() {
+                // Any other registry: no chunk index. Remember, ask no more.
+                tracing::debug!(status = %resp.status(), "registry has no tessera chunk index");
+                *self.chunk_index.lock().unwrap_or_else(|p| p.into_inner()) = Some(false);
+                return Ok(None);
+            }
+            let v: serde_json::Value = resp
+                .json()
+                .map_err(|e| OciError::Http(format!("chunk query answer: {e}")))?;
+            let answers = v
+                .get("chunks")
+                .and_then(|c| c.as_array())
+                .filter(|a| a.len() == batch.len())
+                .ok_or_else(|| OciError::Http("chunk query answer has the wrong shape".into()))?;
+            for a in answers {
+                out.push(parse_remote_chunk(a)?);
+            }
+        }
+        *self.chunk_index.lock().unwrap_or_else(|p| p.into_inner()) = Some(true);
+        Ok(Some(out))
+    }
+
+    fn sibling(&self, repository: &str) -> Option<Box<dyn Store>> {
+        Some(Box::new(self.with_repo(repository)))
+    }
+
     fn copy_blob_from(&self, from: &dyn Store, digest: &Digest, size: u64) -> Result<()> {
         if self.has_blob(digest)? {
             return Ok(());
@@ -480,6 +542,28 @@ impl Store for Registry {
         }
         crate::copy_via_temp_file(self, from, digest, size)
     }
+}
+
+fn parse_remote_chunk(v: &serde_json::Value) -> Result<Option<crate::RemoteChunk>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let bad = |what: &str| OciError::Http(format!("chunk query answer: bad {what}"));
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).ok_or_else(|| bad(k));
+    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).ok_or_else(|| bad(k));
+    let pack: Digest = s("pack")?.parse().map_err(|_| bad("pack"))?;
+    Ok(Some(crate::RemoteChunk {
+        pack,
+        pack_size: n("pack_size")?,
+        repository: s("repository")?.to_string(),
+        offset: n("offset")?,
+        stored_len: u32::try_from(n("stored_len")?).map_err(|_| bad("stored_len"))?,
+        len: u32::try_from(n("uncompressed_len")?).map_err(|_| bad("uncompressed_len"))?,
+        raw: v
+            .get("raw")
+            .and_then(|x| x.as_bool())
+            .ok_or_else(|| bad("raw"))?,
+    }))
 }
 
 #[cfg(test)]

@@ -1,0 +1,1375 @@
+//! The Distribution API: routing of `/v2/...` paths (repository names may contain `/`
+//! and even `blobs` or `manifests` segments, so paths are parsed from the end) and the
+//! handlers for blobs, uploads, manifests, tags, referrers and the catalog.
+
+use crate::config::Action;
+use crate::error::{ApiError, Code};
+use crate::meta::ManifestMeta;
+use crate::names::{valid_repo, valid_tag, Algorithm, BlobDigest, DigestHasher, Reference};
+use crate::Registry;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+pub type Shared = Arc<Registry>;
+type ApiResult = Result<Response, ApiError>;
+
+/// What a `/v2/` path names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Base,
+    Catalog,
+    Blob(String, String),
+    Manifest(String, String),
+    Tags(String),
+    Referrers(String, String),
+    UploadStart(String),
+    Upload(String, String),
+}
+
+impl Route {
+    pub fn repo(&self) -> Option<&str> {
+        match self {
+            Route::Base | Route::Catalog => None,
+            Route::Blob(r, _)
+            | Route::Manifest(r, _)
+            | Route::Tags(r)
+            | Route::Referrers(r, _)
+            | Route::UploadStart(r)
+            | Route::Upload(r, _) => Some(r),
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Base => "base",
+            Route::Catalog => "catalog",
+            Route::Blob(..) => "blob",
+            Route::Manifest(..) => "manifest",
+            Route::Tags(_) => "tags",
+            Route::Referrers(..) => "referrers",
+            Route::UploadStart(_) | Route::Upload(..) => "upload",
+        }
+    }
+}
+
+/// Parse a path below `/v2/`, from the end.
+pub fn parse_route(path: &str) -> Option<Route> {
+    let rest = path.strip_prefix("/v2")?;
+    if rest.is_empty() || rest == "/" {
+        return Some(Route::Base);
+    }
+    let rest = rest.strip_prefix('/')?;
+    if rest == "_catalog" {
+        return Some(Route::Catalog);
+    }
+    if let Some(repo) = rest.strip_suffix("/tags/list") {
+        return Some(Route::Tags(repo.to_string()));
+    }
+    let segs: Vec<&str> = rest.split('/').collect();
+    let n = segs.len();
+    if n >= 4 && segs[n - 3] == "blobs" && segs[n - 2] == "uploads" {
+        let repo = segs[..n - 3].join("/");
+        return Some(if segs[n - 1].is_empty() {
+            Route::UploadStart(repo)
+        } else {
+            Route::Upload(repo, segs[n - 1].to_string())
+        });
+    }
+    if n >= 3 {
+        let repo = segs[..n - 2].join("/");
+        let last = segs[n - 1].to_string();
+        return match segs[n - 2] {
+            "blobs" => Some(Route::Blob(repo, last)),
+            "manifests" => Some(Route::Manifest(repo, last)),
+            "referrers" => Some(Route::Referrers(repo, last)),
+            _ => None,
+        };
+    }
+    None
+}
+
+pub fn required_action(method: &Method) -> Action {
+    match *method {
+        Method::GET | Method::HEAD => Action::Pull,
+        Method::DELETE => Action::Delete,
+        _ => Action::Push,
+    }
+}
+
+fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
+    q.map(|q| {
+        q.split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                let dec = |s: &str| {
+                    percent_encoding::percent_decode_str(&s.replace('+', " "))
+                        .decode_utf8_lossy()
+                        .into_owned()
+                };
+                (dec(k), dec(v))
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn q<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    query
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+fn parse_digest(s: &str) -> Result<BlobDigest, ApiError> {
+    BlobDigest::parse(s).map_err(|e| ApiError::new(Code::DigestInvalid, e.to_string()))
+}
+
+fn check_repo(repo: &str) -> Result<(), ApiError> {
+    if valid_repo(repo) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            Code::NameInvalid,
+            format!("invalid repository name {repo:?}: use lowercase letters, digits and separators . _ __ - between them, components joined by /"),
+        ))
+    }
+}
+
+fn parse_reference(s: &str) -> Result<Reference, ApiError> {
+    if s.contains(':') {
+        return parse_digest(s).map(Reference::Digest);
+    }
+    if valid_tag(s) {
+        Ok(Reference::Tag(s.to_string()))
+    } else {
+        Err(ApiError::new(
+            Code::TagInvalid,
+            format!("invalid tag {s:?}: at most 128 of [A-Za-z0-9_.-], not starting with . or -"),
+        ))
+    }
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A response builder that cannot fail on our own header values.
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+}
+
+impl Reply {
+    fn new(status: StatusCode) -> Reply {
+        Reply {
+            status,
+            headers: HeaderMap::new(),
+        }
+    }
+    fn h(mut self, name: &'static str, value: impl AsRef<str>) -> Reply {
+        if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
+            self.headers.append(name, v);
+        }
+        self
+    }
+    fn body(self, body: Body) -> Response {
+        let mut r = Response::new(body);
+        *r.status_mut() = self.status;
+        *r.headers_mut() = self.headers;
+        r
+    }
+    fn empty(self) -> Response {
+        self.h("content-length", "0").body(Body::empty())
+    }
+}
+
+/// Run blocking storage work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
+}
+
+pub async fn dispatch(
+    reg: Shared,
+    route: Route,
+    method: Method,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let query = parse_query(query.as_deref());
+    if let Some(repo) = route.repo() {
+        check_repo(repo)?;
+        let read = method == Method::GET || method == Method::HEAD;
+        if !read && reg.proxy.select(repo, &[]).is_some() {
+            return Err(ApiError::new(
+                Code::Unsupported,
+                format!("{repo} is a pull-through cache of an upstream registry and is read-only"),
+            ));
+        }
+    }
+    match (route, method) {
+        (Route::Base, Method::GET | Method::HEAD) => Ok(Reply::new(StatusCode::OK)
+            .h("content-type", "application/json")
+            .h("content-length", "2")
+            .body(Body::from("{}"))),
+        (Route::Catalog, Method::GET) => catalog(reg, &query).await,
+        (Route::Blob(repo, d), m @ (Method::GET | Method::HEAD)) => {
+            get_blob(reg, repo, &d, m == Method::HEAD, &headers, &query).await
+        }
+        (Route::Blob(repo, d), Method::DELETE) => delete_blob(reg, repo, &d).await,
+        (Route::Manifest(repo, r), m @ (Method::GET | Method::HEAD)) => {
+            get_manifest(reg, repo, &r, m == Method::HEAD, &query).await
+        }
+        (Route::Manifest(repo, r), Method::PUT) => {
+            put_manifest(reg, repo, &r, &headers, &query, body).await
+        }
+        (Route::Manifest(repo, r), Method::DELETE) => delete_manifest(reg, repo, &r).await,
+        (Route::Tags(repo), Method::GET) => tags(reg, repo, &query).await,
+        (Route::Referrers(repo, d), Method::GET) => referrers(reg, repo, &d, &query).await,
+        (Route::UploadStart(repo), Method::POST) => {
+            start_upload(reg, repo, &headers, &query, body).await
+        }
+        (Route::Upload(repo, id), Method::PATCH) => {
+            patch_upload(reg, repo, id, &headers, body).await
+        }
+        (Route::Upload(repo, id), Method::PUT) => {
+            put_upload(reg, repo, id, &headers, &query, body).await
+        }
+        (Route::Upload(repo, id), Method::GET) => upload_status(reg, repo, id).await,
+        (Route::Upload(repo, id), Method::DELETE) => cancel_upload(reg, repo, id).await,
+        (_, m) => Err(ApiError::new(
+            Code::Unsupported,
+            format!("method {m} is not supported on this path"),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------- blobs
+
+/// A parsed `Range: bytes=...` request against a blob of `size` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeReq {
+    Full,
+    Part(u64, u64),
+    Unsatisfiable,
+}
+
+pub fn parse_range(h: Option<&str>, size: u64) -> RangeReq {
+    let Some(spec) = h.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return RangeReq::Full;
+    };
+    if spec.contains(',') {
+        // Multiple ranges: a full reply is allowed.
+        return RangeReq::Full;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeReq::Full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| s.parse::<u64>().ok();
+    match (a.is_empty(), b.is_empty()) {
+        (true, false) => match num(b) {
+            Some(0) | None => RangeReq::Unsatisfiable,
+            Some(_) if size == 0 => RangeReq::Unsatisfiable,
+            Some(n) => RangeReq::Part(size.saturating_sub(n), size - 1),
+        },
+        (false, true) => match num(a) {
+            Some(s) if s < size => RangeReq::Part(s, size - 1),
+            Some(_) => RangeReq::Unsatisfiable,
+            None => RangeReq::Full,
+        },
+        (false, false) => match (num(a), num(b)) {
+            (Some(s), Some(e)) if s <= e && s < size => RangeReq::Part(s, e.min(size - 1)),
+            (Some(_), Some(_)) => RangeReq::Unsatisfiable,
+            _ => RangeReq::Full,
+        },
+        (true, true) => RangeReq::Full,
+    }
+}
+
+/// Stream `len` bytes of a blob from `offset`, read on a blocking thread.
+pub fn blob_body(reg: &Shared, d: BlobDigest, offset: u64, len: u64) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let backend = reg.backend.clone();
+    let sent = reg.metrics.bytes_sent.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut r = match backend.open(&d, offset) {
+            Ok(r) => r.take(len),
+            Err(e) => {
+                tracing::error!(digest = %d, error = %e, "cannot open blob");
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                return;
+            }
+        };
+        let mut left = len;
+        while left > 0 {
+            let mut buf = vec![0u8; left.min(256 << 10) as usize];
+            match r.read(&mut buf) {
+                Ok(0) => {
+                    tracing::error!(digest = %d, "blob shorter than recorded");
+                    let _ = tx.blocking_send(Err(std::io::Error::other("blob truncated")));
+                    return;
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    left -= n as u64;
+                    sent.inc_by(n as u64);
+                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                        return; // client went away
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+async fn get_blob(
+    reg: Shared,
+    repo: String,
+    d: &str,
+    head: bool,
+    headers: &HeaderMap,
+    query: &[(String, String)],
+) -> ApiResult {
+    let d = parse_digest(d)?;
+    let size = {
+        let (reg2, repo2, d2) = (reg.clone(), repo.clone(), d.clone());
+        blocking(move || Ok(reg2.meta.blob_in_repo(&repo2, &d2)?)).await?
+    };
+    let (size, flight) = match size {
+        Some(s) => (s, None),
+        None => match reg.pull_through_blob(&repo, &d, query).await? {
+            Some((s, f)) => (s, Some(f)),
+            None => {
+                return Err(ApiError::new(
+                    Code::BlobUnknown,
+                    format!("blob {d} is not in repository {repo}"),
+                )
+                .detail(serde_json::json!({ "digest": d.to_string() })))
+            }
+        },
+    };
+    let base = Reply::new(StatusCode::OK)
+        .h("docker-content-digest", d.to_string())
+        .h("content-type", "application/octet-stream")
+        .h("accept-ranges", "bytes")
+        .h("etag", format!("\"{d}\""))
+        .h("cache-control", "max-age=31536000");
+    let (mut reply, offset, len) = match parse_range(header(headers, "range"), size) {
+        RangeReq::Full => (base, 0, size),
+        RangeReq::Part(s, e) => {
+            let mut r = base.h("content-range", format!("bytes {s}-{e}/{size}"));
+            r.status = StatusCode::PARTIAL_CONTENT;
+            (r, s, e - s + 1)
+        }
+        RangeReq::Unsatisfiable => {
+            return Err(ApiError::new(
+                Code::BlobUploadInvalid,
+                format!("requested range is outside the blob's {size} bytes"),
+            )
+            .status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .header("content-range", format!("bytes */{size}")))
+        }
+    };
+    reply = reply.h("content-length", len.to_string());
+    if head || len == 0 {
+        return Ok(reply.body(Body::empty()));
+    }
+    Ok(reply.body(match flight {
+        Some(f) => crate::proxy::flight_body(&reg, f, d, offset, len),
+        None => blob_body(&reg, d, offset, len),
+    }))
+}
+
+async fn delete_blob(reg: Shared, repo: String, d: &str) -> ApiResult {
+    if !reg.config.delete_enabled {
+        return Err(ApiError::new(
+            Code::Unsupported,
+            "deletes are disabled on this registry",
+        ));
+    }
+    let d = parse_digest(d)?;
+    let reg2 = reg.clone();
+    let existed = blocking(move || {
+        let _w = reg2.write_lock();
+        let u = reg2.meta.unlink_blob(&repo, &d)?;
+        if u.orphan {
+            reg2.remove_bytes(&d)?;
+        }
+        Ok(u.existed)
+    })
+    .await?;
+    if !existed {
+        return Err(ApiError::new(
+            Code::BlobUnknown,
+            "blob is not in this repository",
+        ));
+    }
+    Ok(Reply::new(StatusCode::ACCEPTED).empty())
+}
+
+// ---------------------------------------------------------------- uploads
+
+fn upload_location(repo: &str, id: &str) -> String {
+    format!("/v2/{repo}/blobs/uploads/{id}")
+}
+
+fn range_header(size: u64) -> String {
+    format!("0-{}", size.saturating_sub(1))
+}
+
+fn upload_unknown() -> ApiError {
+    ApiError::new(
+        Code::BlobUploadUnknown,
+        "upload session unknown (finished, cancelled, expired or of another repository); start a new one with POST",
+    )
+}
+
+/// The session's current size, checking it belongs to `repo`.
+async fn session(reg: &Shared, repo: &str, id: &str) -> Result<u64, ApiError> {
+    let (reg2, repo2, id2) = (reg.clone(), repo.to_string(), id.to_string());
+    blocking(move || {
+        match reg2.meta.upload(&id2)? {
+            Some(m) if m.repo == repo2 => {}
+            _ => return Err(upload_unknown()),
+        }
+        reg2.backend.upload_size(&id2)?.ok_or_else(upload_unknown)
+    })
+    .await
+}
+
+async fn create_session(reg: &Shared, repo: &str) -> Result<String, ApiError> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let (reg2, repo2, id2) = (reg.clone(), repo.to_string(), id.clone());
+    blocking(move || {
+        reg2.backend.upload_create(&id2)?;
+        reg2.meta.create_upload(&id2, &repo2)?;
+        Ok(())
+    })
+    .await?;
+    Ok(id)
+}
+
+fn session_reply(status: StatusCode, repo: &str, id: &str, size: u64) -> Response {
+    Reply::new(status)
+        .h("location", upload_location(repo, id))
+        .h("range", range_header(size))
+        .h("docker-upload-uuid", id)
+        .empty()
+}
+
+/// Parse `Content-Range: <start>-<end>` (an optional `bytes ` prefix is tolerated).
+fn content_range(h: &HeaderMap) -> Result<Option<(u64, u64)>, ApiError> {
+    let Some(v) = header(h, "content-range") else {
+        return Ok(None);
+    };
+    let v = v.trim();
+    let v = v.strip_prefix("bytes ").unwrap_or(v);
+    let v = v.split('/').next().unwrap_or(v);
+    let bad = || {
+        ApiError::new(
+            Code::BlobUploadInvalid,
+            format!("malformed Content-Range {v:?}: expected <start>-<end>"),
+        )
+        .status(StatusCode::RANGE_NOT_SATISFIABLE)
+    };
+    let (a, b) = v.split_once('-').ok_or_else(bad)?;
+    let a: u64 = a.parse().map_err(|_| bad())?;
+    let b: u64 = b.parse().map_err(|_| bad())?;
+    if b < a {
+        return Err(bad());
+    }
+    Ok(Some((a, b)))
+}
+
+/// Append a request body to session `id` at `offset`. With `expect`, the body must be
+/// exactly that long. Returns the new size. On any failure the session is left as it was.
+async fn append_body(
+    reg: &Shared,
+    id: &str,
+    offset: u64,
+    expect: Option<u64>,
+    body: Body,
+) -> Result<u64, ApiError> {
+    let _active = ActiveUpload::new(reg);
+    let limit = reg.config.max_blob_bytes;
+    let mut hasher = reg.take_hasher(id, offset);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(16);
+    let (reg2, id2) = (reg.clone(), id.to_string());
+    let writer = tokio::task::spawn_blocking(move || -> Result<u64, ApiError> {
+        let mut w = reg2.backend.upload_append(&id2, offset)?;
+        loop {
+            match rx.blocking_recv() {
+                Some(Some(b)) => {
+                    if let Err(e) = w.write_all(&b) {
+                        w.abort();
+                        return Err(crate::error::StoreError::io(&id2, e).into());
+                    }
+                }
+                Some(None) => return Ok(w.commit()?),
+                None => {
+                    w.abort();
+                    return Err(ApiError::new(Code::BlobUploadInvalid, "upload aborted"));
+                }
+            }
+        }
+    });
+    let mut stream = body.into_data_stream();
+    let mut n: u64 = 0;
+    let mut failure: Option<ApiError> = None;
+    while let Some(frame) = stream.next().await {
+        match frame {
+            Ok(b) => {
+                n += b.len() as u64;
+                if offset + n > limit {
+                    failure = Some(
+                        ApiError::new(
+                            Code::SizeInvalid,
+                            format!("blob larger than this registry's limit of {limit} bytes"),
+                        )
+                        .status(StatusCode::PAYLOAD_TOO_LARGE),
+                    );
+                    break;
+                }
+                if expect.is_some_and(|e| n > e) {
+                    break;
+                }
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&b);
+                }
+                if tx.send(Some(b)).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                failure = Some(ApiError::new(
+                    Code::BlobUploadInvalid,
+                    format!("request body broke off after {n} bytes: {e}"),
+                ));
+                break;
+            }
+        }
+    }
+    if failure.is_none() {
+        if let Some(e) = expect.filter(|&e| e != n) {
+            failure = Some(ApiError::new(
+                Code::SizeInvalid,
+                format!("Content-Range says {e} bytes but the body had {n}"),
+            ));
+        }
+    }
+    if failure.is_none() {
+        let _ = tx.send(None).await;
+    }
+    drop(tx);
+    let written = writer.await.map_err(ApiError::internal)?;
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    let size = written?;
+    reg.metrics.bytes_received.inc_by(n);
+    if let Some(h) = hasher {
+        reg.put_hasher(id, size, h);
+    }
+    Ok(size)
+}
+
+struct ActiveUpload(Shared);
+impl ActiveUpload {
+    fn new(reg: &Shared) -> ActiveUpload {
+        reg.metrics.uploads_active.inc();
+        ActiveUpload(reg.clone())
+    }
+}
+impl Drop for ActiveUpload {
+    fn drop(&mut self) {
+        self.0.metrics.uploads_active.dec();
+    }
+}
+
+fn check_length(headers: &HeaderMap, range: Option<(u64, u64)>) -> Result<Option<u64>, ApiError> {
+    let cl = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+    match range {
+        Some((a, b)) => {
+            let want = b - a + 1;
+            if cl.is_some_and(|cl| cl != want) {
+                return Err(ApiError::new(
+                    Code::SizeInvalid,
+                    format!(
+                        "Content-Length {} does not match Content-Range {a}-{b}",
+                        cl.unwrap_or(0)
+                    ),
+                ));
+            }
+            Ok(Some(want))
+        }
+        None => Ok(cl),
+    }
+}
+
+async fn start_upload(
+    reg: Shared,
+    repo: String,
+    headers: &HeaderMap,
+    query: &[(String, String)],
+    body: Body,
+) -> ApiResult {
+    if let Some(mount) = q(query, "mount") {
+        if let (Ok(d), Some(from)) = (BlobDigest::parse(mount), q(query, "from")) {
+            if valid_repo(from) && reg.may(headers, Some(from), Action::Pull) {
+                let (reg2, repo2, from2, d2) =
+                    (reg.clone(), repo.clone(), from.to_string(), d.clone());
+                let mounted = blocking(move || {
+                    let _r = reg2.read_lock();
+                    match reg2.meta.blob_in_repo(&from2, &d2)? {
+                        Some(size) => {
+                            reg2.meta.link_blob(&repo2, &d2, size)?;
+                            Ok(true)
+                        }
+                        None => Ok(false),
+                    }
+                })
+                .await?;
+                if mounted {
+                    return Ok(Reply::new(StatusCode::CREATED)
+                        .h("location", format!("/v2/{repo}/blobs/{d}"))
+                        .h("docker-content-digest", d.to_string())
+                        .empty());
+                }
+            }
+        }
+        // Not mountable: an ordinary session, as the spec asks.
+        let id = create_session(&reg, &repo).await?;
+        return Ok(session_reply(StatusCode::ACCEPTED, &repo, &id, 0));
+    }
+    if let Some(dstr) = q(query, "digest") {
+        // Monolithic upload in one POST.
+        let d = parse_digest(dstr)?;
+        let expect = check_length(headers, None)?;
+        let id = create_session(&reg, &repo).await?;
+        let result = async {
+            append_body(&reg, &id, 0, expect, body).await?;
+            finish_upload(&reg, &repo, &id, &d).await
+        }
+        .await;
+        if result.is_err() {
+            reg.drop_session(&id).await;
+        }
+        return result;
+    }
+    let id = create_session(&reg, &repo).await?;
+    Ok(session_reply(StatusCode::ACCEPTED, &repo, &id, 0))
+}
+
+async fn patch_upload(
+    reg: Shared,
+    repo: String,
+    id: String,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let size = session(&reg, &repo, &id).await?;
+    let range = match content_range(headers) {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(e
+                .header("location", upload_location(&repo, &id))
+                .header("range", range_header(size)))
+        }
+    };
+    if let Some((a, _)) = range {
+        if a != size {
+            return Err(ApiError::new(
+                Code::BlobUploadInvalid,
+                format!("chunk starts at {a} but the upload has {size} bytes; resume at {size}"),
+            )
+            .status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .header("location", upload_location(&repo, &id))
+            .header("range", range_header(size)));
+        }
+    }
+    let expect = check_length(headers, range)?;
+    let expect = if range.is_some() { expect } else { None };
+    let new = append_body(&reg, &id, size, expect, body).await?;
+    Ok(session_reply(StatusCode::ACCEPTED, &repo, &id, new))
+}
+
+async fn put_upload(
+    reg: Shared,
+    repo: String,
+    id: String,
+    headers: &HeaderMap,
+    query: &[(String, String)],
+    body: Body,
+) -> ApiResult {
+    let size = session(&reg, &repo, &id).await?;
+    let d = match q(query, "digest") {
+        Some(d) => parse_digest(d)?,
+        None => {
+            return Err(ApiError::new(
+                Code::DigestInvalid,
+                "closing PUT needs ?digest=<algorithm>:<hex>",
+            ))
+        }
+    };
+    let range = content_range(headers)?;
+    if let Some((a, _)) = range {
+        if a != size {
+            return Err(ApiError::new(
+                Code::BlobUploadInvalid,
+                format!("final chunk starts at {a} but the upload has {size} bytes"),
+            )
+            .status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .header("location", upload_location(&repo, &id))
+            .header("range", range_header(size)));
+        }
+    }
+    let expect = check_length(headers, range)?;
+    if range.is_some() || expect.is_some_and(|e| e > 0) {
+        append_body(&reg, &id, size, expect, body).await?;
+    } else {
+        // Body may still be streamed without a length (chunked transfer encoding).
+        append_body(&reg, &id, size, None, body).await?;
+    }
+    let r = finish_upload(&reg, &repo, &id, &d).await;
+    if let Err(e) = &r {
+        if e.code == Code::DigestInvalid {
+            reg.drop_session(&id).await;
+        }
+    }
+    r
+}
+
+/// Verify the session's bytes against `d` and publish the blob in `repo`.
+async fn finish_upload(reg: &Shared, repo: &str, id: &str, d: &BlobDigest) -> ApiResult {
+    let (reg2, repo2, id2, d2) = (reg.clone(), repo.to_string(), id.to_string(), d.clone());
+    let hasher = reg.hashers_remove(id);
+    blocking(move || {
+        let size = reg2.backend.upload_size(&id2)?.ok_or_else(upload_unknown)?;
+        let actual = match hasher {
+            Some((at, h)) if at == size && d2.algorithm() == Algorithm::Sha256 => h.finish(),
+            _ => {
+                // After a restart or for sha512: hash what was stored.
+                let mut h = DigestHasher::new(d2.algorithm());
+                let mut r = reg2.backend.upload_read(&id2, 0)?;
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = r
+                        .read(&mut buf)
+                        .map_err(|e| crate::error::StoreError::io(&id2, e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+                h.finish()
+            }
+        };
+        if actual != d2 {
+            return Err(ApiError::new(
+                Code::DigestInvalid,
+                format!("uploaded content has digest {actual}, not {d2}"),
+            )
+            .detail(
+                serde_json::json!({"expected": d2.to_string(), "actual": actual.to_string()}),
+            ));
+        }
+        let _r = reg2.read_lock();
+        reg2.backend.upload_commit(&id2, &d2)?;
+        reg2.meta.finish_upload(&id2, &repo2, &d2, size)?;
+        Ok(())
+    })
+    .await?;
+    Ok(Reply::new(StatusCode::CREATED)
+        .h("location", format!("/v2/{repo}/blobs/{d}"))
+        .h("docker-content-digest", d.to_string())
+        .empty())
+}
+
+async fn upload_status(reg: Shared, repo: String, id: String) -> ApiResult {
+    let size = session(&reg, &repo, &id).await?;
+    Ok(session_reply(StatusCode::NO_CONTENT, &repo, &id, size))
+}
+
+async fn cancel_upload(reg: Shared, repo: String, id: String) -> ApiResult {
+    session(&reg, &repo, &id).await?;
+    reg.drop_session(&id).await;
+    Ok(Reply::new(StatusCode::NO_CONTENT).empty())
+}
+
+// ---------------------------------------------------------------- manifests
+
+const MANIFEST_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+fn is_index(mt: &str) -> bool {
+    mt == MANIFEST_TYPES[1] || mt == MANIFEST_TYPES[3]
+}
+
+async fn resolve(
+    reg: &Shared,
+    repo: &str,
+    reference: &Reference,
+) -> Result<Option<(BlobDigest, ManifestMeta)>, ApiError> {
+    let (reg2, repo2, r2) = (reg.clone(), repo.to_string(), reference.clone());
+    blocking(move || {
+        let d = match r2 {
+            Reference::Digest(d) => d,
+            Reference::Tag(t) => match reg2.meta.tag(&repo2, &t)? {
+                Some(d) => d,
+                None => return Ok(None),
+            },
+        };
+        Ok(reg2.meta.manifest(&repo2, &d)?.map(|m| (d, m)))
+    })
+    .await
+}
+
+async fn manifest_unknown(reg: &Shared, repo: &str, reference: &str) -> ApiError {
+    let (reg2, repo2) = (reg.clone(), repo.to_string());
+    let exists = blocking(move || Ok(reg2.meta.repo_exists(&repo2)?))
+        .await
+        .unwrap_or(true);
+    if exists {
+        ApiError::new(
+            Code::ManifestUnknown,
+            format!("manifest {reference} is not in repository {repo}"),
+        )
+    } else {
+        ApiError::new(
+            Code::NameUnknown,
+            format!("repository {repo} is not known to this registry"),
+        )
+    }
+}
+
+async fn get_manifest(
+    reg: Shared,
+    repo: String,
+    r: &str,
+    head: bool,
+    query: &[(String, String)],
+) -> ApiResult {
+    let reference = parse_reference(r)?;
+    // A pull-through tag past its TTL is re-checked upstream before it is served.
+    let fresh = match &reference {
+        Reference::Tag(t) => reg.fresh_proxy_tag(&repo, t, query).await,
+        Reference::Digest(_) => true,
+    };
+    let local = if fresh {
+        resolve(&reg, &repo, &reference).await?
+    } else {
+        None
+    };
+    let found = match local {
+        Some(f) => Some(f),
+        None => reg.pull_through_manifest(&repo, &reference, query).await?,
+    };
+    let Some((d, meta)) = found else {
+        return Err(manifest_unknown(&reg, &repo, r).await);
+    };
+    let reply = Reply::new(StatusCode::OK)
+        .h("content-type", &meta.media_type)
+        .h("docker-content-digest", d.to_string())
+        .h("etag", format!("\"{d}\""))
+        .h("content-length", meta.size.to_string());
+    if head {
+        return Ok(reply.body(Body::empty()));
+    }
+    let reg2 = reg.clone();
+    let bytes = blocking(move || {
+        let mut buf = Vec::with_capacity(meta.size as usize);
+        reg2.backend
+            .open(&d, 0)?
+            .read_to_end(&mut buf)
+            .map_err(|e| crate::error::StoreError::io(&d, e))?;
+        Ok(buf)
+    })
+    .await?;
+    Ok(reply.body(Body::from(bytes)))
+}
+
+/// Everything `put_manifest` learns from the manifest body.
+struct Parsed {
+    media_type: String,
+    /// Blobs that must be in the repository (config and layers of an image manifest).
+    required: Vec<BlobDigest>,
+    subject: Option<BlobDigest>,
+    /// The descriptor listed by the referrers API when `subject` is set.
+    referrer: serde_json::Value,
+    artifact_type: Option<String>,
+    layers: Vec<(String, BlobDigest, u64)>,
+}
+
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::new(Code::ManifestInvalid, msg)
+}
+
+fn descriptor_digest(
+    v: &serde_json::Value,
+    what: &str,
+) -> Result<(BlobDigest, u64, String), ApiError> {
+    let d = v
+        .get("digest")
+        .and_then(|d| d.as_str())
+        .ok_or_else(|| invalid(format!("{what}: descriptor without digest")))?;
+    let d = BlobDigest::parse(d).map_err(|e| invalid(format!("{what}: {e}")))?;
+    let size = v
+        .get("size")
+        .and_then(|s| s.as_u64())
+        .ok_or_else(|| invalid(format!("{what}: descriptor without a valid size")))?;
+    let mt = v
+        .get("mediaType")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+        .to_string();
+    Ok((d, size, mt))
+}
+
+fn parse_manifest(
+    body: &[u8],
+    content_type: Option<&str>,
+    d: &BlobDigest,
+) -> Result<Parsed, ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| invalid("manifest must be a JSON object"))?;
+    if obj.get("schemaVersion").and_then(|s| s.as_u64()) != Some(2) {
+        return Err(invalid(
+            "schemaVersion must be 2 (schema 1 manifests are not supported)",
+        ));
+    }
+    let field = obj.get("mediaType").and_then(|m| m.as_str());
+    let ct = content_type
+        .map(|c| c.split(';').next().unwrap_or(c).trim())
+        .filter(|c| !c.is_empty() && *c != "application/octet-stream" && *c != "application/json");
+    let media_type = match (field, ct) {
+        (Some(f), Some(c)) if f != c => {
+            return Err(invalid(format!(
+                "Content-Type {c} does not match the manifest's mediaType {f}"
+            )))
+        }
+        (Some(f), _) => f.to_string(),
+        (None, Some(c)) => c.to_string(),
+        (None, None) if obj.contains_key("manifests") => MANIFEST_TYPES[1].to_string(),
+        (None, None) => MANIFEST_TYPES[0].to_string(),
+    };
+    if !MANIFEST_TYPES.contains(&media_type.as_str()) {
+        return Err(invalid(format!(
+            "unsupported manifest media type {media_type}; supported: {}",
+            MANIFEST_TYPES.join(", ")
+        )));
+    }
+    let mut required = Vec::new();
+    let mut layers = Vec::new();
+    let artifact_type = obj
+        .get("artifactType")
+        .and_then(|a| a.as_str())
+        .map(str::to_string);
+    let mut desc_artifact = artifact_type.clone();
+    if is_index(&media_type) {
+        let list = obj
+            .get("manifests")
+            .and_then(|m| m.as_array())
+            .ok_or_else(|| invalid("an index needs a manifests array"))?;
+        for (i, m) in list.iter().enumerate() {
+            descriptor_digest(m, &format!("manifests[{i}]"))?;
+        }
+    } else {
+        let config = obj
+            .get("config")
+            .ok_or_else(|| invalid("an image manifest needs a config descriptor"))?;
+        let (cd, _, cmt) = descriptor_digest(config, "config")?;
+        required.push(cd);
+        if desc_artifact.is_none() {
+            desc_artifact = Some(cmt);
+        }
+        let list = match obj.get("layers") {
+            Some(l) => l
+                .as_array()
+                .ok_or_else(|| invalid("layers must be an array"))?
+                .clone(),
+            None if media_type == MANIFEST_TYPES[0] => Vec::new(),
+            None => return Err(invalid("an image manifest needs a layers array")),
+        };
+        for (i, l) in list.iter().enumerate() {
+            let (ld, size, mt) = descriptor_digest(l, &format!("layers[{i}]"))?;
+            let foreign = mt.contains("nondistributable")
+                || mt.contains("foreign")
+                || l.get("urls").is_some();
+            if !foreign {
+                required.push(ld.clone());
+            }
+            layers.push((mt, ld, size));
+        }
+    }
+    let subject = match obj.get("subject") {
+        Some(s) => Some(descriptor_digest(s, "subject")?.0),
+        None => None,
+    };
+    let mut referrer = serde_json::json!({
+        "mediaType": media_type,
+        "digest": d.to_string(),
+        "size": body.len(),
+    });
+    if let Some(a) = desc_artifact {
+        referrer["artifactType"] = serde_json::Value::String(a);
+    }
+    if let Some(a) = obj.get("annotations").filter(|a| a.is_object()) {
+        referrer["annotations"] = a.clone();
+    }
+    Ok(Parsed {
+        media_type,
+        required,
+        subject,
+        referrer,
+        artifact_type,
+        layers,
+    })
+}
+
+async fn read_limited(body: Body, limit: u64) -> Result<Vec<u8>, ApiError> {
+    let mut out = Vec::new();
+    let mut stream = body.into_data_stream();
+    while let Some(frame) = stream.next().await {
+        let b = frame.map_err(|e| invalid(format!("request body broke off: {e}")))?;
+        if (out.len() + b.len()) as u64 > limit {
+            return Err(too_large(limit));
+        }
+        out.extend_from_slice(&b);
+    }
+    Ok(out)
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        Code::SizeInvalid,
+        format!("manifest larger than this registry's limit of {limit} bytes"),
+    )
+    .status(StatusCode::PAYLOAD_TOO_LARGE)
+}
+
+async fn put_manifest(
+    reg: Shared,
+    repo: String,
+    r: &str,
+    headers: &HeaderMap,
+    query: &[(String, String)],
+    body: Body,
+) -> ApiResult {
+    let reference = parse_reference(r)?;
+    let limit = reg.config.max_manifest_bytes;
+    if header(headers, "content-length")
+        .and_then(|c| c.parse::<u64>().ok())
+        .is_some_and(|c| c > limit)
+    {
+        return Err(too_large(limit));
+    }
+    let bytes = read_limited(body, limit).await?;
+    let d = match &reference {
+        Reference::Digest(want) => {
+            let got = BlobDigest::of(want.algorithm(), &bytes);
+            if &got != want {
+                return Err(ApiError::new(
+                    Code::DigestInvalid,
+                    format!("manifest body has digest {got}, not {want}"),
+                ));
+            }
+            got
+        }
+        Reference::Tag(_) => BlobDigest::of(Algorithm::Sha256, &bytes),
+    };
+    let mut tags: Vec<String> = Vec::new();
+    if let Reference::Tag(t) = &reference {
+        tags.push(t.clone());
+    }
+    for (k, v) in query {
+        if k == "tag" {
+            if !valid_tag(v) {
+                return Err(ApiError::new(
+                    Code::TagInvalid,
+                    format!("invalid tag {v:?}"),
+                ));
+            }
+            tags.push(v.clone());
+        }
+    }
+    let parsed = parse_manifest(&bytes, header(headers, "content-type"), &d)?;
+    let (reg2, repo2, d2) = (reg.clone(), repo.clone(), d.clone());
+    let tags2 = tags.clone();
+    blocking(move || {
+        let missing: Vec<String> = parsed
+            .required
+            .iter()
+            .filter(|b| !matches!(reg2.meta.blob_in_repo(&repo2, b), Ok(Some(_))))
+            .map(|b| b.to_string())
+            .collect();
+        if let Some(first) = missing.first() {
+            return Err(ApiError::new(
+                Code::ManifestBlobUnknown,
+                format!("manifest references blob {first}, which is not in repository {repo2}; push it first"),
+            )
+            .detail(serde_json::json!({ "digests": missing })));
+        }
+        if parsed.artifact_type.as_deref() == Some(tessera_format::media::ARTIFACT_TYPE) {
+            reg2.admit_tessera_layers(&parsed.layers)?;
+        }
+        let meta = ManifestMeta {
+            media_type: parsed.media_type.clone(),
+            size: bytes.len() as u64,
+            subject: parsed.subject.as_ref().map(|s| s.to_string()),
+        };
+        let _r = reg2.read_lock();
+        reg2.backend.put(&d2, &bytes)?;
+        reg2.meta.put_manifest(&repo2, &d2, &meta, &tags2, Some(&parsed.referrer))?;
+        tracing::info!(repository = %repo2, digest = %d2, media_type = %meta.media_type, tags = ?tags2, "manifest pushed");
+        Ok(parsed.subject)
+    })
+    .await
+    .map(|subject| {
+        let mut reply = Reply::new(StatusCode::CREATED)
+            .h("location", format!("/v2/{repo}/manifests/{d}"))
+            .h("docker-content-digest", d.to_string());
+        if let Some(s) = subject {
+            reply = reply.h("oci-subject", s.to_string());
+        }
+        for t in query.iter().filter(|(k, _)| k == "tag") {
+            reply = reply.h("oci-tag", &t.1);
+        }
+        reply.empty()
+    })
+}
+
+async fn delete_manifest(reg: Shared, repo: String, r: &str) -> ApiResult {
+    if !reg.config.delete_enabled {
+        return Err(ApiError::new(
+            Code::Unsupported,
+            "deletes are disabled on this registry",
+        ));
+    }
+    let reference = parse_reference(r)?;
+    let (reg2, repo2) = (reg.clone(), repo.clone());
+    let existed = blocking(move || match reference {
+        Reference::Tag(t) => Ok(reg2.meta.delete_tag(&repo2, &t)?),
+        Reference::Digest(d) => {
+            let _w = reg2.write_lock();
+            let u = reg2.meta.delete_manifest(&repo2, &d)?;
+            if u.orphan {
+                reg2.remove_bytes(&d)?;
+            }
+            Ok(u.existed)
+        }
+    })
+    .await?;
+    if !existed {
+        return Err(manifest_unknown(&reg, &repo, r).await);
+    }
+    Ok(Reply::new(StatusCode::ACCEPTED).empty())
+}
+
+// ---------------------------------------------------------------- listings
+
+/// `n` from the query: absent → `default`; garbage → 400; clamped to `max`.
+fn page_size(query: &[(String, String)], default: usize, max: usize) -> Result<usize, ApiError> {
+    match q(query, "n") {
+        None | Some("") => Ok(default),
+        Some(n) => n
+            .parse::<usize>()
+            .map(|n| n.min(max))
+            .map_err(|_| ApiError::new(Code::SizeInvalid, format!("n={n:?} is not a number"))),
+    }
+}
+
+fn link(path: &str, n: usize, last: &str) -> String {
+    let enc = percent_encoding::utf8_percent_encode(last, percent_encoding::NON_ALPHANUMERIC);
+    format!("<{path}?n={n}&last={enc}>; rel=\"next\"")
+}
+
+async fn tags(reg: Shared, repo: String, query: &[(String, String)]) -> ApiResult {
+    let n = page_size(query, 10_000, 10_000)?;
+    let last = q(query, "last").map(str::to_string);
+    let (reg2, repo2) = (reg.clone(), repo.clone());
+    let (tags, more, exists) = blocking(move || {
+        let (t, more) = reg2.meta.tags(&repo2, last.as_deref(), n)?;
+        let exists = !t.is_empty() || reg2.meta.repo_exists(&repo2)?;
+        Ok((t, more, exists))
+    })
+    .await?;
+    if !exists {
+        return Err(ApiError::new(
+            Code::NameUnknown,
+            format!("repository {repo} is not known to this registry"),
+        ));
+    }
+    let body = serde_json::json!({ "name": repo, "tags": tags }).to_string();
+    let mut reply = Reply::new(StatusCode::OK).h("content-type", "application/json");
+    if more && n > 0 {
+        if let Some(l) = tags.last() {
+            reply = reply.h("link", link(&format!("/v2/{repo}/tags/list"), n, l));
+        }
+    }
+    Ok(reply
+        .h("content-length", body.len().to_string())
+        .body(Body::from(body)))
+}
+
+async fn catalog(reg: Shared, query: &[(String, String)]) -> ApiResult {
+    let n = page_size(query, 1000, 10_000)?;
+    let last = q(query, "last").map(str::to_string);
+    let reg2 = reg.clone();
+    let (repos, more) = blocking(move || Ok(reg2.meta.repos(last.as_deref(), n)?)).await?;
+    let body = serde_json::json!({ "repositories": repos }).to_string();
+    let mut reply = Reply::new(StatusCode::OK).h("content-type", "application/json");
+    if more && n > 0 {
+        if let Some(l) = repos.last() {
+            reply = reply.h("link", link("/v2/_catalog", n, l));
+        }
+    }
+    Ok(reply
+        .h("content-length", body.len().to_string())
+        .body(Body::from(body)))
+}
+
+async fn referrers(reg: Shared, repo: String, d: &str, query: &[(String, String)]) -> ApiResult {
+    let subject = parse_digest(d)?;
+    let filter = q(query, "artifactType").map(str::to_string);
+    let reg2 = reg.clone();
+    let mut list = blocking(move || Ok(reg2.meta.referrers(&repo, &subject)?)).await?;
+    if let Some(f) = &filter {
+        list.retain(|desc| desc.get("artifactType").and_then(|a| a.as_str()) == Some(f.as_str()));
+    }
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": list,
+    })
+    .to_string();
+    let mut reply =
+        Reply::new(StatusCode::OK).h("content-type", "application/vnd.oci.image.index.v1+json");
+    if filter.is_some() {
+        reply = reply.h("oci-filters-applied", "artifactType");
+    }
+    Ok(reply
+        .h("content-length", body.len().to_string())
+        .body(Body::from(body)))
+}
+
+/// A map for in-memory hash states of upload sessions.
+pub type Hashers = HashMap<String, (u64, DigestHasher)>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse_from_the_end() {
+        let r = |p: &str| parse_route(p);
+        assert_eq!(r("/v2/"), Some(Route::Base));
+        assert_eq!(r("/v2"), Some(Route::Base));
+        assert_eq!(r("/v2/_catalog"), Some(Route::Catalog));
+        assert_eq!(r("/v2/a/b/tags/list"), Some(Route::Tags("a/b".into())));
+        assert_eq!(
+            r("/v2/x/blobs/manifests/y/manifests/latest"),
+            Some(Route::Manifest(
+                "x/blobs/manifests/y".into(),
+                "latest".into()
+            ))
+        );
+        assert_eq!(
+            r("/v2/a/blobs/sha256:ab"),
+            Some(Route::Blob("a".into(), "sha256:ab".into()))
+        );
+        assert_eq!(
+            r("/v2/a/blobs/uploads/"),
+            Some(Route::UploadStart("a".into()))
+        );
+        assert_eq!(
+            r("/v2/a/b/blobs/uploads/123"),
+            Some(Route::Upload("a/b".into(), "123".into()))
+        );
+        assert_eq!(
+            r("/v2/a/referrers/sha256:ab"),
+            Some(Route::Referrers("a".into(), "sha256:ab".into()))
+        );
+        assert_eq!(r("/v2/a/other/x"), None);
+        assert_eq!(r("/v3/a/blobs/x"), None);
+    }
+
+    #[test]
+    fn ranges_follow_the_conformance_suite() {
+        let p = |h: &str| parse_range(Some(h), 2048);
+        assert_eq!(p("bytes=500-1499"), RangeReq::Part(500, 1499));
+        assert_eq!(p("bytes=500-"), RangeReq::Part(500, 2047));
+        assert_eq!(p("bytes=-500"), RangeReq::Part(1548, 2047));
+        assert_eq!(p("bytes=2000-5000"), RangeReq::Part(2000, 2047));
+        assert_eq!(p("bytes=500-0"), RangeReq::Unsatisfiable);
+        assert_eq!(p("bytes=5000-10000"), RangeReq::Unsatisfiable);
+        assert_eq!(p("bytes=-0"), RangeReq::Unsatisfiable);
+        assert_eq!(p("bytes=-5000"), RangeReq::Part(0, 2047));
+        assert_eq!(p("bytes=0-1,5-6"), RangeReq::Full);
+        assert_eq!(parse_range(None, 10), RangeReq::Full);
+        assert_eq!(parse_range(Some("bytes=0-"), 0), RangeReq::Unsatisfiable);
+    }
+
+    #[test]
+    fn manifest_parsing() {
+        let d = BlobDigest::of(Algorithm::Sha256, b"x");
+        let cfg = BlobDigest::of(Algorithm::Sha256, b"{}");
+        let m = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/x",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cfg.to_string(), "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar", "digest": d.to_string(), "size": 1}],
+            "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d.to_string(), "size": 1},
+            "annotations": {"a": "b"}
+        });
+        let body = serde_json::to_vec(&m).unwrap();
+        let p = parse_manifest(
+            &body,
+            Some("application/vnd.oci.image.manifest.v1+json"),
+            &d,
+        )
+        .unwrap();
+        assert_eq!(p.required, vec![cfg]);
+        assert_eq!(p.subject, Some(d.clone()));
+        assert_eq!(p.referrer["artifactType"], "application/x");
+        assert_eq!(p.referrer["annotations"]["a"], "b");
+        let e = parse_manifest(&body, Some("application/vnd.oci.image.index.v1+json"), &d)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, Code::ManifestInvalid);
+        assert_eq!(
+            parse_manifest(b"{", None, &d).err().unwrap().code,
+            Code::ManifestInvalid
+        );
+        assert_eq!(
+            parse_manifest(b"[]", None, &d).err().unwrap().code,
+            Code::ManifestInvalid
+        );
+    }
+}
