@@ -314,6 +314,7 @@ pub fn assert_same_tree(reference: &Path, ours: &Path) {
 pub struct DockerRegistry {
     pub child: std::process::Child,
     pub addr: String,
+    cfg: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -337,25 +338,48 @@ impl DockerRegistry {
             ),
         )
         .unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start docker-registry");
+        let child = Self::spawn(&cfg);
         let r = DockerRegistry {
             child,
             addr,
+            cfg,
             _dir: dir,
         };
+        r.wait_listening();
+        r
+    }
+
+    fn spawn(cfg: &Path) -> std::process::Child {
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start docker-registry")
+    }
+
+    fn wait_listening(&self) {
         for _ in 0..100 {
-            if std::net::TcpStream::connect(&r.addr).is_ok() {
-                return r;
+            if std::net::TcpStream::connect(&self.addr).is_ok() {
+                return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        panic!("docker-registry did not start listening on {}", r.addr);
+        panic!("docker-registry did not start listening on {}", self.addr);
+    }
+
+    /// SIGKILL the registry (storage and port are kept for `restart`).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.cfg);
+        self.wait_listening();
     }
 }
 
@@ -373,3 +397,5 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+pub mod serve;

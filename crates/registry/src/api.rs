@@ -1058,11 +1058,24 @@ async fn read_limited(body: Body, limit: u64) -> Result<Vec<u8>, ApiError> {
     while let Some(frame) = stream.next().await {
         let b = frame.map_err(|e| invalid(format!("request body broke off: {e}")))?;
         if (out.len() + b.len()) as u64 > limit {
+            drain(stream).await;
             return Err(too_large(limit));
         }
         out.extend_from_slice(&b);
     }
     Ok(out)
+}
+
+/// Read and discard the rest of a refused request body (up to 64 MiB) so the client
+/// gets to read the error reply instead of a broken pipe.
+async fn drain(mut stream: axum::body::BodyDataStream) {
+    let mut n: u64 = 0;
+    while let Some(Ok(b)) = stream.next().await {
+        n += b.len() as u64;
+        if n > 64 << 20 {
+            break;
+        }
+    }
 }
 
 fn too_large(limit: u64) -> ApiError {
@@ -1071,6 +1084,7 @@ fn too_large(limit: u64) -> ApiError {
         format!("manifest larger than this registry's limit of {limit} bytes"),
     )
     .status(StatusCode::PAYLOAD_TOO_LARGE)
+    .header("connection", "close")
 }
 
 async fn put_manifest(
@@ -1087,6 +1101,7 @@ async fn put_manifest(
         .and_then(|c| c.parse::<u64>().ok())
         .is_some_and(|c| c > limit)
     {
+        drain(body.into_data_stream()).await;
         return Err(too_large(limit));
     }
     let bytes = read_limited(body, limit).await?;

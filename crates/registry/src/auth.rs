@@ -93,6 +93,10 @@ impl Auth {
             .ok()?;
         let raw = String::from_utf8(raw).ok()?;
         let (user, pass) = raw.split_once(':')?;
+        if user.is_empty() && pass.is_empty() {
+            // `Basic Og==`: a client that has no credentials for us.
+            return Some(Identity::Anonymous);
+        }
         let hash = self.users.get(user)?;
         if !bcrypt::verify(pass, hash).unwrap_or(false) {
             return None;

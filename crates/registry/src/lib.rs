@@ -203,15 +203,12 @@ impl Registry {
             return Ok(());
         };
         let hdr = headers.get("authorization").and_then(|v| v.to_str().ok());
-        // The base endpoint only says whether the caller is known.
+        // The base endpoint challenges every caller without credentials, even when
+        // anonymous pulls are allowed: clients (containers/image, docker) only send
+        // credentials after the /v2/ ping asked for them.
         let decision = if *route == Route::Base {
             match a.identify(hdr) {
                 Some(auth::Identity::User(_)) => Decision::Allow,
-                Some(auth::Identity::Anonymous)
-                    if a.allowed(&auth::Identity::Anonymous, None, Action::Pull) =>
-                {
-                    Decision::Allow
-                }
                 _ => Decision::Challenge,
             }
         } else {

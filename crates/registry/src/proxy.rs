@@ -38,12 +38,17 @@ pub struct Proxy {
 /// A blob download in progress, shared by every client that wants it.
 pub struct Flight {
     session: String,
-    size: u64,
+    /// Known once upstream answered.
+    size: std::sync::OnceLock<u64>,
     state: watch::Receiver<FlightState>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 enum FlightState {
+    /// The upstream request is out.
+    Starting,
+    /// Upstream does not have the blob.
+    Missing,
     Running(u64),
     Done,
     Failed(String),
@@ -418,8 +423,8 @@ impl crate::Registry {
     }
 
     /// A blob of a pull-through repository that is not cached yet: join (or start) the
-    /// download and stream `[offset, offset+len)` of it. Returns the blob's size and the
-    /// body (None when `repo` is not a pull-through repository or upstream lacks it).
+    /// download. Returns the blob's size and the flight to stream from (None when `repo`
+    /// is not a pull-through repository or the upstream does not have the blob).
     pub(crate) async fn pull_through_blob(
         self: &Arc<Self>,
         repo: &str,
@@ -429,12 +434,92 @@ impl crate::Registry {
         let Some((up, urepo)) = self.proxy.select(repo, query) else {
             return Ok(None);
         };
-        if let Some(f) = self.proxy.flights().get(&d.to_string()).cloned() {
-            return Ok(Some((f.size, f)));
+        // Register the flight before asking upstream, so that clients arriving while the
+        // request is out join it instead of sending their own.
+        let (tx, rx) = watch::channel(FlightState::Starting);
+        let mine = Arc::new(Flight {
+            session: uuid::Uuid::new_v4().to_string(),
+            size: std::sync::OnceLock::new(),
+            state: rx,
+        });
+        let existing = {
+            let mut flights = self.proxy.flights();
+            match flights.get(&d.to_string()) {
+                Some(f) => Some(f.clone()),
+                None => {
+                    flights.insert(d.to_string(), mine.clone());
+                    None
+                }
+            }
+        };
+        if let Some(f) = existing {
+            return join(f).await;
         }
+        let started = self.start_flight(up, &urepo, repo, d, &mine, &tx).await;
+        match started {
+            Ok(Some(resp)) => {
+                let size = mine.size.get().copied().unwrap_or(0);
+                let (reg, d2, repo2, session) =
+                    (self.clone(), d.clone(), repo.to_string(), mine.session.clone());
+                tokio::spawn(async move {
+                    let outcome = reg.download(resp, &session, &d2, size, &tx).await;
+                    reg.proxy.flights().remove(&d2.to_string());
+                    let result = match outcome {
+                        Ok(()) => {
+                            let (reg2, s, d3, r3) =
+                                (reg.clone(), session.clone(), d2.clone(), repo2.clone());
+                            tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                                let _r = reg2.read_lock();
+                                reg2.backend.upload_commit(&s, &d3)?;
+                                reg2.meta.finish_upload(&s, &r3, &d3, size)
+                            })
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                        }
+                        Err(msg) => Err(msg),
+                    };
+                    match result {
+                        Ok(()) => {
+                            tracing::info!(repository = %repo2, digest = %d2, size, "blob cached from upstream");
+                            let _ = tx.send(FlightState::Done);
+                        }
+                        Err(msg) => {
+                            reg.metrics.upstream_errors.inc();
+                            tracing::warn!(digest = %d2, error = %msg, "upstream blob transfer failed; nothing cached");
+                            let _ = tx.send(FlightState::Failed(msg));
+                            reg.drop_session(&session).await;
+                        }
+                    }
+                });
+                Ok(Some((size, mine)))
+            }
+            Ok(None) => {
+                self.proxy.flights().remove(&d.to_string());
+                let _ = tx.send(FlightState::Missing);
+                Ok(None)
+            }
+            Err(e) => {
+                self.proxy.flights().remove(&d.to_string());
+                let _ = tx.send(FlightState::Failed(e.message.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Ask upstream for the blob and open the session; None when upstream lacks it.
+    async fn start_flight(
+        self: &Arc<Self>,
+        up: &Upstream,
+        urepo: &str,
+        repo: &str,
+        d: &BlobDigest,
+        flight: &Flight,
+        tx: &watch::Sender<FlightState>,
+    ) -> Result<Option<reqwest::Response>, ApiError> {
         self.metrics.upstream_fetches.inc();
         let path = format!("/v2/{urepo}/blobs/{d}");
-        let resp = match up.send(reqwest::Method::GET, &path, &urepo).await {
+        let resp = match up.send(reqwest::Method::GET, &path, urepo).await {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.upstream_errors.inc();
@@ -460,70 +545,16 @@ impl crate::Registry {
                 "upstream blob of {size} bytes exceeds max_blob_bytes"
             )));
         }
-        let session = uuid::Uuid::new_v4().to_string();
-        {
-            let (reg, s, repo) = (self.clone(), session.clone(), repo.to_string());
-            tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-                reg.backend.upload_create(&s)?;
-                reg.meta.create_upload(&s, &repo)
-            })
-            .await
-            .map_err(ApiError::internal)??;
-        }
-        let (tx, rx) = watch::channel(FlightState::Running(0));
-        let flight = Arc::new(Flight {
-            session: session.clone(),
-            size,
-            state: rx,
-        });
-        {
-            let mut flights = self.proxy.flights();
-            if let Some(other) = flights.get(&d.to_string()).cloned() {
-                // Someone else started the same download meanwhile: use theirs.
-                drop(flights);
-                let (reg, s) = (self.clone(), session.clone());
-                tokio::spawn(async move { reg.drop_session(&s).await });
-                return Ok(Some((other.size, other)));
-            }
-            flights.insert(d.to_string(), flight.clone());
-        }
-        let (reg, d2, repo2) = (self.clone(), d.clone(), repo.to_string());
-        tokio::spawn(async move {
-            let outcome = reg.download(resp, &session, &d2, size, &tx).await;
-            reg.proxy.flights().remove(&d2.to_string());
-            match outcome {
-                Ok(()) => {
-                    let (reg2, s, d3, r3) =
-                        (reg.clone(), session.clone(), d2.clone(), repo2.clone());
-                    let committed =
-                        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-                            let _r = reg2.read_lock();
-                            reg2.backend.upload_commit(&s, &d3)?;
-                            reg2.meta.finish_upload(&s, &r3, &d3, size)
-                        })
-                        .await;
-                    match committed {
-                        Ok(Ok(())) => {
-                            tracing::info!(repository = %repo2, digest = %d2, size, "blob cached from upstream");
-                            let _ = tx.send(FlightState::Done);
-                        }
-                        Ok(Err(e)) => {
-                            let _ = tx.send(FlightState::Failed(e.to_string()));
-                        }
-                        Err(e) => {
-                            let _ = tx.send(FlightState::Failed(e.to_string()));
-                        }
-                    }
-                }
-                Err(msg) => {
-                    reg.metrics.upstream_errors.inc();
-                    tracing::warn!(digest = %d2, error = %msg, "upstream blob transfer failed; nothing cached");
-                    let _ = tx.send(FlightState::Failed(msg));
-                    reg.drop_session(&session).await;
-                }
-            }
-        });
-        Ok(Some((size, flight)))
+        let (reg, s, repo) = (self.clone(), flight.session.clone(), repo.to_string());
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            reg.backend.upload_create(&s)?;
+            reg.meta.create_upload(&s, &repo)
+        })
+        .await
+        .map_err(ApiError::internal)??;
+        let _ = flight.size.set(size);
+        let _ = tx.send(FlightState::Running(0));
+        Ok(Some(resp))
     }
 
     /// Copy the upstream body into the session, publishing progress; verify at the end.
@@ -608,6 +639,27 @@ impl crate::Registry {
     }
 }
 
+/// Wait until a flight someone else started has an answer from upstream.
+async fn join(f: Arc<Flight>) -> Result<Option<(u64, Arc<Flight>)>, ApiError> {
+    let mut rx = f.state.clone();
+    loop {
+        let st = rx.borrow_and_update().clone();
+        match st {
+            FlightState::Starting => {
+                if rx.changed().await.is_err() {
+                    return Err(upstream_error("upstream request abandoned"));
+                }
+            }
+            FlightState::Missing => return Ok(None),
+            FlightState::Failed(e) => return Err(upstream_error(e)),
+            FlightState::Running(_) | FlightState::Done => {
+                let size = f.size.get().copied().unwrap_or(0);
+                return Ok(Some((size, f)));
+            }
+        }
+    }
+}
+
 /// Stream `[offset, offset+len)` of a flight as its bytes arrive; the stream fails if the
 /// download does.
 pub fn flight_body(
@@ -623,6 +675,7 @@ pub fn flight_body(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let reg = reg.clone();
     let rt = tokio::runtime::Handle::current();
+    let size = flight.size.get().copied().unwrap_or(0);
     tokio::task::spawn_blocking(move || {
         let fail = |tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>, msg: String| {
             let _ = tx.blocking_send(Err(std::io::Error::other(msg)));
@@ -644,7 +697,8 @@ pub fn flight_body(
         while pos < end {
             let available = match state.borrow_and_update().clone() {
                 FlightState::Running(n) => n,
-                FlightState::Done => flight.size,
+                FlightState::Starting | FlightState::Missing => 0,
+                FlightState::Done => size,
                 FlightState::Failed(e) => {
                     return fail(&tx, format!("upstream transfer failed: {e}"))
                 }
