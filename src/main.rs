@@ -182,6 +182,10 @@ struct ServeArgs {
     /// Refuse DELETE of manifests and blobs (405).
     #[arg(long)]
     no_delete: bool,
+    /// Convert every plain image pushed or pulled through into its tessera twin
+    /// (untagged, same repository, found through the referrers API).
+    #[arg(long)]
+    convert_on_push: bool,
 }
 
 fn serve(args: &ServeArgs) -> Result<i32> {
@@ -213,6 +217,9 @@ fn serve(args: &ServeArgs) -> Result<i32> {
     }
     if args.no_delete {
         cfg.delete_enabled = false;
+    }
+    if args.convert_on_push {
+        cfg.convert_on_push = true;
     }
     for u in &args.upstream {
         cfg.upstream

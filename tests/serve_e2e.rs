@@ -1038,3 +1038,89 @@ fn sigterm_finishes_in_flight_uploads_and_sessions_survive_restart() {
         "{m}"
     );
 }
+
+/// Poll the referrers API (bounded) until the tessera twin of `subject` shows up.
+fn wait_for_twin(addr: &str, repo: &str, subject: &str) -> String {
+    let url = format!(
+        "http://{addr}/v2/{repo}/referrers/{subject}?artifactType=application/vnd.tessera.image.v1"
+    );
+    let start = Instant::now();
+    loop {
+        let v: serde_json::Value = http().get(&url).send().unwrap().json().unwrap();
+        if let Some(d) = v["manifests"][0]["digest"].as_str() {
+            return d.to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no tessera twin of {repo}@{subject} after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn convert_on_push_makes_tessera_twins_of_pushed_and_pulled_through_images() {
+    let upstream = DockerRegistry::start();
+    push_corpus(&upstream.addr, "debian-python", "lib/python:3");
+    let s = TesseraServe::start_args(&[
+        "--convert-on-push",
+        "--upstream",
+        &format!("up=http://{}", upstream.addr),
+    ]);
+    let tags = corpus_tags();
+    let digest_of = |t: &str| tags.iter().find(|(n, _)| n == t).unwrap().1.clone();
+    push_corpus(&s.addr, "debian-base", "lib/debian:base");
+    let base_twin = wait_for_twin(&s.addr, "lib/debian", &digest_of("debian-base"));
+    push_corpus(&s.addr, "debian-base-rebuilt", "lib/debian:rebuilt");
+    let rebuilt_twin = wait_for_twin(&s.addr, "lib/debian", &digest_of("debian-base-rebuilt"));
+    // The second twin reuses the first one's packs (global chunk index).
+    let layers = |d: &str| -> Vec<String> {
+        let m: serde_json::Value = http()
+            .get(format!("http://{}/v2/lib/debian/manifests/{d}", s.addr))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        m["layers"].as_array().unwrap()[1..]
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let base_packs = layers(&base_twin);
+    assert!(
+        layers(&rebuilt_twin).iter().any(|p| base_packs.contains(p)),
+        "the rebuilt twin shares no pack with the base twin"
+    );
+    // Twins unpack to the same tree as a conversion done by the client.
+    let work = tempfile::tempdir().unwrap();
+    let local = format!("oci:{}:x", work.path().join("layout").display());
+    let src = format!(
+        "docker-archive:{}",
+        corpus()
+            .join("docker-archive/debian-base-rebuilt.tar")
+            .display()
+    );
+    run_ok(tessera().args(["convert", "--no-cache", &src, &local]));
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    run_ok(
+        tessera()
+            .args(["unpack", &format!("{}/lib/debian@{rebuilt_twin}", s.addr)])
+            .arg(&a),
+    );
+    run_ok(tessera().args(["unpack", &local]).arg(&b));
+    run_ok(tessera().arg("diff-tree").arg(&a).arg(&b));
+    // An image pulled through gets its twin too (its blobs are fetched for it).
+    let d = served_digest(&s.addr, "up/lib/python", "3");
+    assert_eq!(d, digest_of("debian-python"));
+    wait_for_twin(&s.addr, "up/lib/python", &d);
+    let m = http()
+        .get(format!("http://{}/metrics", s.addr))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        m.contains("tessera_registry_twins_converted_total 3"),
+        "{m}"
+    );
+}

@@ -911,8 +911,49 @@ async fn get_manifest(
     Ok(reply.body(Body::from(bytes)))
 }
 
+impl crate::Registry {
+    /// Check a parsed manifest against the repository and make it visible (durably),
+    /// with its tags and referrer entry. Returns its subject.
+    pub(crate) fn store_manifest(
+        &self,
+        repo: &str,
+        d: &BlobDigest,
+        bytes: Vec<u8>,
+        parsed: Parsed,
+        tags: &[String],
+    ) -> Result<Option<BlobDigest>, ApiError> {
+        let missing: Vec<String> = parsed
+            .required
+            .iter()
+            .filter(|b| !matches!(self.meta.blob_in_repo(repo, b), Ok(Some(_))))
+            .map(|b| b.to_string())
+            .collect();
+        if let Some(first) = missing.first() {
+            return Err(ApiError::new(
+                Code::ManifestBlobUnknown,
+                format!("manifest references blob {first}, which is not in repository {repo}; push it first"),
+            )
+            .detail(serde_json::json!({ "digests": missing })));
+        }
+        if parsed.artifact_type.as_deref() == Some(tessera_format::media::ARTIFACT_TYPE) {
+            self.admit_tessera_layers(&parsed.layers)?;
+        }
+        let meta = ManifestMeta {
+            media_type: parsed.media_type.clone(),
+            size: bytes.len() as u64,
+            subject: parsed.subject.as_ref().map(|s| s.to_string()),
+        };
+        let _r = self.read_lock();
+        self.backend.put(d, &bytes)?;
+        self.meta
+            .put_manifest(repo, d, &meta, tags, Some(&parsed.referrer))?;
+        tracing::info!(repository = %repo, digest = %d, media_type = %meta.media_type, tags = ?tags, "manifest pushed");
+        Ok(parsed.subject)
+    }
+}
+
 /// Everything `put_manifest` learns from the manifest body.
-struct Parsed {
+pub(crate) struct Parsed {
     media_type: String,
     /// Blobs that must be in the repository (config and layers of an image manifest).
     required: Vec<BlobDigest>,
@@ -921,6 +962,18 @@ struct Parsed {
     referrer: serde_json::Value,
     artifact_type: Option<String>,
     layers: Vec<(String, BlobDigest, u64)>,
+}
+
+impl Parsed {
+    /// Images and image indexes (not artifacts, not tessera images) get a tessera twin
+    /// under --convert-on-push.
+    pub(crate) fn wants_twin(&self) -> bool {
+        let config_type = self.referrer.get("artifactType").and_then(|a| a.as_str());
+        self.artifact_type.is_none()
+            && (is_index(&self.media_type)
+                || config_type == Some(tessera_format::media::OCI_CONFIG)
+                || config_type == Some(tessera_format::media::DOCKER_CONFIG))
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> ApiError {
@@ -948,7 +1001,7 @@ fn descriptor_digest(
     Ok((d, size, mt))
 }
 
-fn parse_manifest(
+pub(crate) fn parse_manifest(
     body: &[u8],
     content_type: Option<&str>,
     d: &BlobDigest,
@@ -1135,37 +1188,12 @@ async fn put_manifest(
     }
     let parsed = parse_manifest(&bytes, header(headers, "content-type"), &d)?;
     let (reg2, repo2, d2) = (reg.clone(), repo.clone(), d.clone());
-    let tags2 = tags.clone();
-    blocking(move || {
-        let missing: Vec<String> = parsed
-            .required
-            .iter()
-            .filter(|b| !matches!(reg2.meta.blob_in_repo(&repo2, b), Ok(Some(_))))
-            .map(|b| b.to_string())
-            .collect();
-        if let Some(first) = missing.first() {
-            return Err(ApiError::new(
-                Code::ManifestBlobUnknown,
-                format!("manifest references blob {first}, which is not in repository {repo2}; push it first"),
-            )
-            .detail(serde_json::json!({ "digests": missing })));
-        }
-        if parsed.artifact_type.as_deref() == Some(tessera_format::media::ARTIFACT_TYPE) {
-            reg2.admit_tessera_layers(&parsed.layers)?;
-        }
-        let meta = ManifestMeta {
-            media_type: parsed.media_type.clone(),
-            size: bytes.len() as u64,
-            subject: parsed.subject.as_ref().map(|s| s.to_string()),
-        };
-        let _r = reg2.read_lock();
-        reg2.backend.put(&d2, &bytes)?;
-        reg2.meta.put_manifest(&repo2, &d2, &meta, &tags2, Some(&parsed.referrer))?;
-        tracing::info!(repository = %repo2, digest = %d2, media_type = %meta.media_type, tags = ?tags2, "manifest pushed");
-        Ok(parsed.subject)
-    })
-    .await
-    .map(|subject| {
+    let plain_image = parsed.wants_twin();
+    let stored = blocking(move || reg2.store_manifest(&repo2, &d2, bytes, parsed, &tags)).await;
+    if stored.is_ok() && plain_image && reg.config.convert_on_push {
+        crate::twin::schedule(&reg, &repo, &d);
+    }
+    stored.map(|subject| {
         let mut reply = Reply::new(StatusCode::CREATED)
             .h("location", format!("/v2/{repo}/manifests/{d}"))
             .h("docker-content-digest", d.to_string());

@@ -31,6 +31,9 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// Pull-through upstreams.
     pub upstream: Vec<UpstreamConfig>,
+    /// Convert every plain image pushed (or pulled through) into its tessera twin,
+    /// stored untagged in the same repository and linked by `subject`.
+    pub convert_on_push: bool,
 }
 
 impl Default for Config {
@@ -48,6 +51,7 @@ impl Default for Config {
             tls_key: None,
             shutdown_grace_secs: 30,
             upstream: Vec::new(),
+            convert_on_push: false,
         }
     }
 }

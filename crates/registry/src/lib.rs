@@ -22,6 +22,7 @@ pub mod meta;
 pub mod metrics;
 pub mod names;
 pub mod proxy;
+pub mod twin;
 
 use crate::api::{parse_route, required_action, Hashers, Route, Shared};
 use crate::auth::{Auth, Decision};
@@ -69,6 +70,8 @@ pub struct Registry {
     pub metrics: Metrics,
     pub proxy: proxy::Proxy,
     hashers: Mutex<Hashers>,
+    /// Server-side conversions run one at a time.
+    pub(crate) convert_slot: Mutex<()>,
     /// Publishing takes it shared; removing bytes takes it exclusively, so a blob is
     /// never deleted between another upload's rename and its link.
     publish: RwLock<()>,
@@ -80,6 +83,9 @@ impl Registry {
         std::fs::create_dir_all(&config.root)
             .map_err(|e| StoreError::io(config.root.display(), e))?;
         let backend: Arc<dyn Backend> = Arc::new(FsBackend::open(&config.root)?);
+        // Staging of an interrupted server-side conversion is never referenced again.
+        let staging = config.root.join("convert-staging");
+        let _ = std::fs::remove_dir_all(&staging);
         let meta = Meta::open(&config.root.join("meta.redb"))?;
         let auth = match &config.htpasswd {
             Some(p) => Some(Auth::load(p, config.access.clone())?),
@@ -94,6 +100,7 @@ impl Registry {
             metrics: Metrics::new(),
             proxy,
             hashers: Mutex::new(HashMap::new()),
+            convert_slot: Mutex::new(()),
             publish: RwLock::new(()),
         };
         reg.expire_uploads()?;

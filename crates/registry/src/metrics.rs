@@ -31,6 +31,8 @@ pub struct Metrics {
     pub chunks_indexed: Gauge,
     pub upstream_fetches: Counter,
     pub upstream_errors: Counter,
+    pub twins_converted: Counter,
+    pub twins_failed: Counter,
 }
 
 impl Default for Metrics {
@@ -104,8 +106,22 @@ impl Metrics {
             "Pull-through upstream failures",
             upstream_errors.clone(),
         );
+        let twins_converted = Counter::default();
+        registry.register(
+            "twins_converted",
+            "tessera twins made by --convert-on-push",
+            twins_converted.clone(),
+        );
+        let twins_failed = Counter::default();
+        registry.register(
+            "twins_failed",
+            "--convert-on-push conversions that failed",
+            twins_failed.clone(),
+        );
         Metrics {
             registry,
+            twins_converted,
+            twins_failed,
             requests,
             latency,
             bytes_sent,

@@ -360,6 +360,9 @@ impl crate::Registry {
             Reference::Tag(t) => vec![t.clone()],
             Reference::Digest(_) => Vec::new(),
         };
+        let wants_twin = crate::api::parse_manifest(&bytes, Some(&meta.media_type), &d)
+            .map(|p| p.wants_twin())
+            .unwrap_or(false);
         let (reg, repo2, d2, meta2) = (self.clone(), repo.to_string(), d.clone(), meta.clone());
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             let _r = reg.read_lock();
@@ -373,6 +376,9 @@ impl crate::Registry {
         .await
         .map_err(ApiError::internal)??;
         tracing::info!(repository = %repo, digest = %d, upstream = %up.cfg.name, "manifest cached from upstream");
+        if self.config.convert_on_push && wants_twin {
+            crate::twin::schedule(self, repo, &d);
+        }
         Ok(Some((d, meta)))
     }
 
@@ -459,8 +465,12 @@ impl crate::Registry {
         match started {
             Ok(Some(resp)) => {
                 let size = mine.size.get().copied().unwrap_or(0);
-                let (reg, d2, repo2, session) =
-                    (self.clone(), d.clone(), repo.to_string(), mine.session.clone());
+                let (reg, d2, repo2, session) = (
+                    self.clone(),
+                    d.clone(),
+                    repo.to_string(),
+                    mine.session.clone(),
+                );
                 tokio::spawn(async move {
                     let outcome = reg.download(resp, &session, &d2, size, &tx).await;
                     reg.proxy.flights().remove(&d2.to_string());
@@ -503,6 +513,40 @@ impl crate::Registry {
                 self.proxy.flights().remove(&d.to_string());
                 let _ = tx.send(FlightState::Failed(e.message.clone()));
                 Err(e)
+            }
+        }
+    }
+
+    /// Make a pull-through blob local (for the in-process converter): join or start its
+    /// download and wait until it is committed.
+    pub(crate) async fn fetch_through(
+        self: &Arc<Self>,
+        repo: &str,
+        d: &BlobDigest,
+    ) -> Result<(), ApiError> {
+        let Some((_, f)) = self.pull_through_blob(repo, d, &[]).await? else {
+            return Err(ApiError::new(
+                Code::BlobUnknown,
+                format!("upstream has no blob {d}"),
+            ));
+        };
+        let mut rx = f.state.clone();
+        loop {
+            let st = rx.borrow_and_update().clone();
+            match st {
+                FlightState::Done => return Ok(()),
+                FlightState::Failed(e) => return Err(upstream_error(e)),
+                FlightState::Missing => {
+                    return Err(ApiError::new(
+                        Code::BlobUnknown,
+                        format!("upstream has no blob {d}"),
+                    ))
+                }
+                FlightState::Starting | FlightState::Running(_) => {
+                    if rx.changed().await.is_err() && *rx.borrow() != FlightState::Done {
+                        return Err(upstream_error("upstream transfer ended"));
+                    }
+                }
             }
         }
     }
