@@ -20,7 +20,8 @@ fi
 
 step "system packages"
 need=()
-for t in umoci:umoci skopeo:skopeo docker-registry:docker-registry debootstrap:debootstrap jq:jq zstd:zstd tar:tar openssl:openssl; do
+for t in umoci:umoci skopeo:skopeo docker-registry:docker-registry debootstrap:debootstrap jq:jq zstd:zstd tar:tar openssl:openssl \
+         podman:podman buildah:buildah containerd:containerd ctr:containerd runc:runc htpasswd:apache2-utils; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -29,6 +30,10 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   for i in 1 2 3; do apt-get install -y -q "${need[@]}" && break; [ "$i" = 3 ] && exit 1; sleep 2; done
 fi
+
+step "python packages"
+# oras-py drives the artifact/referrers test; pip reads the machine's own index config.
+python3 -c 'import oras' 2>/dev/null || python3 -m pip install -q oras
 
 step "rust components"
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt

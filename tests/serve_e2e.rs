@@ -1124,3 +1124,55 @@ fn convert_on_push_makes_tessera_twins_of_pushed_and_pulled_through_images() {
         "{m}"
     );
 }
+
+#[test]
+fn a_full_disk_is_a_clear_507_and_loses_nothing() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=6m", "tessera-full"])
+            .arg(&root),
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(root.clone());
+    let s = TesseraServe::start_in(&root, &[]);
+    let small = common::noise(500_000, 1);
+    let d_small = push_blob(&s.addr, "f", &small);
+    let big = common::noise(8 << 20, 2);
+    let r = http()
+        .post(format!(
+            "http://{}/v2/f/blobs/uploads/?digest={}",
+            s.addr,
+            sha(&big)
+        ))
+        .body(big.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 507, "a full disk must be 507");
+    let body: serde_json::Value = r.json().unwrap();
+    let msg = body["errors"][0]["message"].as_str().unwrap();
+    assert!(msg.contains("full"), "unclear message: {msg}");
+    // Nothing half-written is visible, what was stored before is intact, and once space
+    // is free again (the failed upload's bytes were released) pushes work.
+    let r = http()
+        .head(format!("http://{}/v2/f/blobs/{}", s.addr, sha(&big)))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let got = http()
+        .get(format!("http://{}/v2/f/blobs/{d_small}", s.addr))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert!(got[..] == small[..]);
+    push_blob(&s.addr, "f", &common::noise(300_000, 3));
+}
