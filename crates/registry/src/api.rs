@@ -101,7 +101,7 @@ pub fn required_action(method: &Method) -> Action {
     }
 }
 
-fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
+pub(crate) fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
     q.map(|q| {
         q.split('&')
             .filter(|p| !p.is_empty())
@@ -477,7 +477,7 @@ fn session_reply(status: StatusCode, repo: &str, id: &str, size: u64) -> Respons
 }
 
 /// Parse `Content-Range: <start>-<end>` (an optional `bytes ` prefix is tolerated).
-fn content_range(h: &HeaderMap) -> Result<Option<(u64, u64)>, ApiError> {
+pub(crate) fn content_range(h: &HeaderMap) -> Result<Option<(u64, u64)>, ApiError> {
     let Some(v) = header(h, "content-range") else {
         return Ok(None);
     };
@@ -954,14 +954,14 @@ impl crate::Registry {
 
 /// Everything `put_manifest` learns from the manifest body.
 pub(crate) struct Parsed {
-    media_type: String,
+    pub(crate) media_type: String,
     /// Blobs that must be in the repository (config and layers of an image manifest).
-    required: Vec<BlobDigest>,
-    subject: Option<BlobDigest>,
+    pub(crate) required: Vec<BlobDigest>,
+    pub(crate) subject: Option<BlobDigest>,
     /// The descriptor listed by the referrers API when `subject` is set.
-    referrer: serde_json::Value,
-    artifact_type: Option<String>,
-    layers: Vec<(String, BlobDigest, u64)>,
+    pub(crate) referrer: serde_json::Value,
+    pub(crate) artifact_type: Option<String>,
+    pub(crate) layers: Vec<(String, BlobDigest, u64)>,
 }
 
 impl Parsed {

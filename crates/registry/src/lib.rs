@@ -18,6 +18,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod ext;
+pub mod fuzzing;
 pub mod meta;
 pub mod metrics;
 pub mod names;

@@ -225,7 +225,7 @@ impl Upstream {
     }
 }
 
-fn parse_challenge(h: &str) -> HashMap<String, String> {
+pub(crate) fn parse_challenge(h: &str) -> HashMap<String, String> {
     let rest = h.split_once(' ').map(|x| x.1).unwrap_or("");
     let mut out = HashMap::new();
     let mut s = rest;

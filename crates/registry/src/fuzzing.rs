@@ -1,0 +1,66 @@
+//! Entry points for the cargo-fuzz targets (fuzz/fuzz_targets/registry_inputs.rs): every
+//! parser that sees bytes from a client or an upstream, with the invariants they keep.
+
+use crate::api::{self, RangeReq};
+use crate::names::{valid_repo, valid_tag, Algorithm, BlobDigest};
+use axum::http::{HeaderMap, HeaderValue};
+
+/// Run every registry input parser on `data` and check their invariants (panics on a
+/// broken invariant; returns normally on rejected input).
+pub fn registry_inputs(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let d = BlobDigest::of(Algorithm::Sha256, data);
+
+    // Manifests, with and without a Content-Type.
+    for ct in [
+        None,
+        Some("application/vnd.oci.image.manifest.v1+json"),
+        Some("application/vnd.oci.image.index.v1+json; charset=x"),
+    ] {
+        if let Ok(p) = api::parse_manifest(data, ct, &d) {
+            // Whatever is accepted names only well-formed digests and is JSON.
+            assert!(serde_json::from_slice::<serde_json::Value>(data).is_ok());
+            for r in &p.required {
+                assert!(BlobDigest::parse(&r.to_string()).is_ok());
+            }
+            let _ = p.wants_twin();
+        }
+    }
+
+    // Paths, queries, names, digests.
+    if let Some(route) = api::parse_route(&text) {
+        if let Some(repo) = route.repo() {
+            let _ = valid_repo(repo);
+        }
+    }
+    let _ = api::parse_query(Some(&text));
+    let _ = valid_tag(&text);
+    if let Ok(bd) = BlobDigest::parse(&text) {
+        assert_eq!(
+            bd.to_string(),
+            text,
+            "an accepted digest re-prints as itself"
+        );
+    }
+
+    // Range against every size up to a few bytes past the input, and a huge one.
+    let size = data.len() as u64;
+    for sz in [0, 1, size, size + 7, u64::MAX] {
+        match api::parse_range(Some(&text), sz) {
+            RangeReq::Part(a, b) => assert!(a <= b && b < sz, "range {a}-{b} outside {sz}"),
+            RangeReq::Full | RangeReq::Unsatisfiable => {}
+        }
+    }
+
+    // Content-Range of a chunk upload.
+    if let Ok(v) = HeaderValue::from_bytes(data) {
+        let mut h = HeaderMap::new();
+        h.insert("content-range", v);
+        if let Ok(Some((a, b))) = api::content_range(&h) {
+            assert!(a <= b);
+        }
+    }
+
+    // An upstream's WWW-Authenticate challenge.
+    let _ = crate::proxy::parse_challenge(&text);
+}
