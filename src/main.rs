@@ -129,6 +129,32 @@ Examples:
   tessera serve --config /etc/tessera/registry.toml"
     )]
     Serve(ServeArgs),
+    /// Serve a tessera image read-only over FUSE, fetching content lazily (root needed).
+    #[command(
+        after_help = "Runs in the foreground until the directory is unmounted (tessera umount DIR);
+prints `mounted REF at DIR` on stdout once the mount is in place.
+
+Examples:
+  tessera mount 127.0.0.1:5000/app:1-tessera /run/tessera/app
+  tessera mount oci:./out:app /mnt/app --store /var/lib/tessera/chunks"
+    )]
+    Mount {
+        reference: String,
+        dir: PathBuf,
+        /// Node store: verified chunks shared by every mount [default: /var/lib/tessera/chunks
+        /// as root, else $XDG_CACHE_HOME/tessera/chunks].
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
+        /// Threads serving FUSE requests.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
+    /// Unmount a `tessera mount` (also one whose process died).
+    #[command(after_help = "Example:
+  tessera umount /run/tessera/app")]
+    Umount { dir: PathBuf },
     /// Compare two directory trees (content, type, mode, owner, mtime, xattrs, links).
     #[command(
         name = "diff-tree",
@@ -293,6 +319,15 @@ fn open_image(reference: &str, reg: &RegistryArgs) -> Result<(Box<dyn Store>, Te
     Ok((store, img))
 }
 
+fn default_node_store() -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/tessera/chunks");
+    }
+    default_cache_dir()
+        .map(|d| d.join("chunks"))
+        .unwrap_or_else(|| PathBuf::from("tessera-chunks"))
+}
+
 fn default_cache_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -319,6 +354,31 @@ fn mb(n: u64) -> String {
 fn run(cli: &Cli) -> Result<i32> {
     match &cli.cmd {
         Cmd::Serve(args) => serve(args),
+        Cmd::Mount {
+            reference,
+            dir,
+            store,
+            threads,
+            reg,
+        } => {
+            let (source, img) = open_image(reference, reg)?;
+            let store_dir = store.clone().unwrap_or_else(default_node_store);
+            let node_store = tessera_mount::store::NodeStore::open(&store_dir)
+                .with_context(|| format!("opening the node store {}", store_dir.display()))?;
+            let fs = tessera_mount::ImageFs::new(img, source, std::sync::Arc::new(node_store));
+            tessera_mount::serve(fs, dir, *threads, || {
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "mounted {reference} at {}", dir.display());
+                let _ = out.flush();
+            })
+            .with_context(|| format!("mounting {reference}"))?;
+            Ok(0)
+        }
+        Cmd::Umount { dir } => {
+            tessera_mount::unmount(dir)?;
+            Ok(0)
+        }
         Cmd::Convert {
             src,
             dst,
