@@ -8,6 +8,7 @@ mod common;
 
 use common::serve::TesseraServe;
 use common::{require_tool, run_json, run_ok, sha, tessera, DockerRegistry};
+use sha2::Digest as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -410,6 +411,11 @@ fn tessera_packs_are_verified_before_their_chunks_are_admitted() {
         .unwrap();
     assert_eq!(r.status(), 202);
     assert!(query_chunks(&s.addr, &ids).iter().all(|c| c.is_null()));
+    // A query as large as the client sends (20000 ids per batch, here 60000) is answered.
+    let many: Vec<String> = (0..60_000u32)
+        .map(|i| hex::encode(sha2::Sha256::digest(i.to_le_bytes())))
+        .collect();
+    assert_eq!(query_chunks(&s.addr, &many).len(), 60_000);
     // Malformed queries get a clear 400.
     let r = http()
         .post(format!("http://{}/tessera/v1/chunks", s.addr))
@@ -705,6 +711,13 @@ fn pull_through_images_from_docker_registry_survive_the_upstream_dying() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["oci-namespace"], "up");
+    // ?ns= names the pull-through repository up/corpus/debian: it never writes into a
+    // local repository of the same name.
+    let r = http()
+        .get(format!("http://{}/v2/corpus/debian/tags/list", s.addr))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404, "?ns= created a local repository");
 
     // Upstream down: the cached tag (even past its TTL) and blobs are served.
     upstream.kill();
@@ -810,6 +823,12 @@ actions = ["pull"]
             .unwrap()
     };
     assert_eq!(get("/v2/public/debian/manifests/1", None).status(), 200);
+    let cat: serde_json::Value = get("/v2/_catalog", None).json().unwrap();
+    assert_eq!(
+        cat["repositories"],
+        serde_json::json!(["public/debian"]),
+        "the catalog shows anonymous callers repositories they cannot read"
+    );
     let r = get("/v2/private/debian/manifests/1", None);
     assert_eq!(r.status(), 401);
     assert!(r.headers()["www-authenticate"]
@@ -1175,4 +1194,46 @@ fn a_full_disk_is_a_clear_507_and_loses_nothing() {
         .unwrap();
     assert!(got[..] == small[..]);
     push_blob(&s.addr, "f", &common::noise(300_000, 3));
+}
+
+#[test]
+fn one_writer_per_upload_session() {
+    let s = TesseraServe::start();
+    let r = http()
+        .post(format!("http://{}/v2/w/blobs/uploads/", s.addr))
+        .send()
+        .unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let data = common::noise(2 << 20, 5);
+    // First PATCH: headers and half of the body, then it stalls.
+    let mut conn = TcpStream::connect(&s.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        conn,
+        "PATCH {loc} HTTP/1.1\r\nHost: {}\r\nContent-Range: 0-{}\r\nContent-Length: {}\r\n\r\n",
+        s.addr,
+        data.len() - 1,
+        data.len()
+    )
+    .unwrap();
+    conn.write_all(&data[..data.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // A second writer meanwhile is refused instead of interleaving its bytes.
+    let r = http()
+        .patch(format!("http://{}{loc}", s.addr))
+        .header("content-range", format!("0-{}", data.len() - 1))
+        .body(data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    conn.write_all(&data[data.len() / 2..]).unwrap();
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 202"), "{line:?}");
+    let r = http()
+        .put(format!("http://{}{loc}?digest={}", s.addr, sha(&data)))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
 }

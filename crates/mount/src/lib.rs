@@ -73,12 +73,15 @@ pub struct ImageFs {
     stats: Mutex<Stats>,
 }
 
+/// A timestamp from the index; times the platform cannot represent become the epoch.
 fn time(secs: i64, nsec: u32) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::new(secs as u64, nsec)
+    let t = if secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(secs as u64))
     } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsec as u64)
-    }
+        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
+    };
+    t.and_then(|t| t.checked_add(Duration::from_nanos(nsec as u64)))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 impl ImageFs {
@@ -236,6 +239,10 @@ impl ImageFs {
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (c, start) in wanted {
             let data = have.get(&c).ok_or(Errno::EIO)?;
+            if data.len() != self.image.index.chunks[c as usize].len as usize {
+                // Same id, another length: a malformed index; never slice out of bounds.
+                return Err(Errno::EIO);
+            }
             let s = offset.max(start) - start;
             let e = (end.min(start + data.len() as u64) - start) as usize;
             out.extend_from_slice(&data[s as usize..e]);

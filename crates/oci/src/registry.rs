@@ -492,7 +492,7 @@ impl Store for Registry {
         }
         let url = format!("{}/tessera/v1/chunks", self.origin);
         let mut out = Vec::with_capacity(ids.len());
-        for batch in ids.chunks(50_000) {
+        for batch in ids.chunks(20_000) {
             let body = serde_json::json!({
                 "chunks": batch.iter().map(|d| d.hex()).collect::<Vec<_>>()
             })
@@ -502,10 +502,17 @@ impl Store for Registry {
                     .header(CONTENT_TYPE, "application/json")
                     .body(body.clone())
             })?;
-            if !resp.status().is_success() {
+            if resp.status() == StatusCode::NOT_FOUND
+                || resp.status() == StatusCode::METHOD_NOT_ALLOWED
+            {
                 // Any other registry: no chunk index. Remember, ask no more.
                 tracing::debug!(status = %resp.status(), "registry has no tessera chunk index");
                 *self.chunk_index.lock().unwrap_or_else(|p| p.into_inner()) = Some(false);
+                return Ok(None);
+            }
+            if !resp.status().is_success() {
+                // A tessera registry that could not answer this time: convert without it.
+                tracing::warn!(status = %resp.status(), "chunk index query failed; uploading these chunks");
                 return Ok(None);
             }
             let v: serde_json::Value = resp

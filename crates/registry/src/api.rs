@@ -44,6 +44,26 @@ impl Route {
         }
     }
 
+    /// The same route in pull-through repository `ns/REPO` (for `?ns=` requests).
+    pub fn under_namespace(self, ns: &str) -> Route {
+        let put = |r: String| {
+            if r.starts_with(&format!("{ns}/")) {
+                r
+            } else {
+                format!("{ns}/{r}")
+            }
+        };
+        match self {
+            Route::Base | Route::Catalog => self,
+            Route::Blob(r, d) => Route::Blob(put(r), d),
+            Route::Manifest(r, m) => Route::Manifest(put(r), m),
+            Route::Tags(r) => Route::Tags(put(r)),
+            Route::Referrers(r, d) => Route::Referrers(put(r), d),
+            Route::UploadStart(r) => Route::UploadStart(put(r)),
+            Route::Upload(r, id) => Route::Upload(put(r), id),
+        }
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             Route::Base => "base",
@@ -93,10 +113,12 @@ pub fn parse_route(path: &str) -> Option<Route> {
     None
 }
 
-pub fn required_action(method: &Method) -> Action {
-    match *method {
-        Method::GET | Method::HEAD => Action::Pull,
-        Method::DELETE => Action::Delete,
+pub fn required_action(route: &Route, method: &Method) -> Action {
+    match (route, method) {
+        (Route::Catalog, _) | (_, &Method::GET) | (_, &Method::HEAD) => Action::Pull,
+        // Cancelling one's own upload is part of pushing.
+        (Route::Upload(..), &Method::DELETE) => Action::Push,
+        (_, &Method::DELETE) => Action::Delete,
         _ => Action::Push,
     }
 }
@@ -210,7 +232,7 @@ pub async fn dispatch(
     if let Some(repo) = route.repo() {
         check_repo(repo)?;
         let read = method == Method::GET || method == Method::HEAD;
-        if !read && reg.proxy.select(repo, &[]).is_some() {
+        if !read && reg.proxy.select(repo).is_some() {
             return Err(ApiError::new(
                 Code::Unsupported,
                 format!("{repo} is a pull-through cache of an upstream registry and is read-only"),
@@ -222,13 +244,13 @@ pub async fn dispatch(
             .h("content-type", "application/json")
             .h("content-length", "2")
             .body(Body::from("{}"))),
-        (Route::Catalog, Method::GET) => catalog(reg, &query).await,
+        (Route::Catalog, Method::GET) => catalog(reg, &query, &headers).await,
         (Route::Blob(repo, d), m @ (Method::GET | Method::HEAD)) => {
-            get_blob(reg, repo, &d, m == Method::HEAD, &headers, &query).await
+            get_blob(reg, repo, &d, m == Method::HEAD, &headers).await
         }
         (Route::Blob(repo, d), Method::DELETE) => delete_blob(reg, repo, &d).await,
         (Route::Manifest(repo, r), m @ (Method::GET | Method::HEAD)) => {
-            get_manifest(reg, repo, &r, m == Method::HEAD, &query).await
+            get_manifest(reg, repo, &r, m == Method::HEAD).await
         }
         (Route::Manifest(repo, r), Method::PUT) => {
             put_manifest(reg, repo, &r, &headers, &query, body).await
@@ -347,7 +369,6 @@ async fn get_blob(
     d: &str,
     head: bool,
     headers: &HeaderMap,
-    query: &[(String, String)],
 ) -> ApiResult {
     let d = parse_digest(d)?;
     let size = {
@@ -356,7 +377,7 @@ async fn get_blob(
     };
     let (size, flight) = match size {
         Some(s) => (s, None),
-        None => match reg.pull_through_blob(&repo, &d, query).await? {
+        None => match reg.pull_through_blob(&repo, &d).await? {
             Some((s, f)) => (s, Some(f)),
             None => {
                 return Err(ApiError::new(
@@ -586,7 +607,8 @@ async fn append_body(
     }
     let size = written?;
     reg.metrics.bytes_received.inc_by(n);
-    if let Some(h) = hasher {
+    // The running hash is only worth keeping if it covers exactly the session's bytes.
+    if let Some(h) = hasher.filter(|_| size == offset + n) {
         reg.put_hasher(id, size, h);
     }
     Ok(size)
@@ -609,7 +631,16 @@ fn check_length(headers: &HeaderMap, range: Option<(u64, u64)>) -> Result<Option
     let cl = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
     match range {
         Some((a, b)) => {
-            let want = b - a + 1;
+            let want = b
+                .checked_sub(a)
+                .and_then(|x| x.checked_add(1))
+                .ok_or_else(|| {
+                    ApiError::new(
+                        Code::BlobUploadInvalid,
+                        format!("Content-Range {a}-{b} is not a valid range"),
+                    )
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                })?;
             if cl.is_some_and(|cl| cl != want) {
                 return Err(ApiError::new(
                     Code::SizeInvalid,
@@ -686,6 +717,7 @@ async fn patch_upload(
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult {
+    let _writing = reg.lock_session(&id)?;
     let size = session(&reg, &repo, &id).await?;
     let range = match content_range(headers) {
         Ok(r) => r,
@@ -720,6 +752,7 @@ async fn put_upload(
     query: &[(String, String)],
     body: Body,
 ) -> ApiResult {
+    let _writing = reg.lock_session(&id)?;
     let size = session(&reg, &repo, &id).await?;
     let d = match q(query, "digest") {
         Some(d) => parse_digest(d)?,
@@ -810,6 +843,7 @@ async fn upload_status(reg: Shared, repo: String, id: String) -> ApiResult {
 }
 
 async fn cancel_upload(reg: Shared, repo: String, id: String) -> ApiResult {
+    let _writing = reg.lock_session(&id)?;
     session(&reg, &repo, &id).await?;
     reg.drop_session(&id).await;
     Ok(Reply::new(StatusCode::NO_CONTENT).empty())
@@ -865,17 +899,11 @@ async fn manifest_unknown(reg: &Shared, repo: &str, reference: &str) -> ApiError
     }
 }
 
-async fn get_manifest(
-    reg: Shared,
-    repo: String,
-    r: &str,
-    head: bool,
-    query: &[(String, String)],
-) -> ApiResult {
+async fn get_manifest(reg: Shared, repo: String, r: &str, head: bool) -> ApiResult {
     let reference = parse_reference(r)?;
     // A pull-through tag past its TTL is re-checked upstream before it is served.
     let fresh = match &reference {
-        Reference::Tag(t) => reg.fresh_proxy_tag(&repo, t, query).await,
+        Reference::Tag(t) => reg.fresh_proxy_tag(&repo, t).await,
         Reference::Digest(_) => true,
     };
     let local = if fresh {
@@ -885,7 +913,7 @@ async fn get_manifest(
     };
     let found = match local {
         Some(f) => Some(f),
-        None => reg.pull_through_manifest(&repo, &reference, query).await?,
+        None => reg.pull_through_manifest(&repo, &reference).await?,
     };
     let Some((d, meta)) = found else {
         return Err(manifest_unknown(&reg, &repo, r).await);
@@ -922,6 +950,9 @@ impl crate::Registry {
         parsed: Parsed,
         tags: &[String],
     ) -> Result<Option<BlobDigest>, ApiError> {
+        // Shared publish lock across the checks and the commit: a blob cannot be deleted
+        // between "the manifest's blobs are present" and "the manifest is visible".
+        let _r = self.read_lock();
         let missing: Vec<String> = parsed
             .required
             .iter()
@@ -943,7 +974,6 @@ impl crate::Registry {
             size: bytes.len() as u64,
             subject: parsed.subject.as_ref().map(|s| s.to_string()),
         };
-        let _r = self.read_lock();
         self.backend.put(d, &bytes)?;
         self.meta
             .put_manifest(repo, d, &meta, tags, Some(&parsed.referrer))?;
@@ -1280,11 +1310,13 @@ async fn tags(reg: Shared, repo: String, query: &[(String, String)]) -> ApiResul
         .body(Body::from(body)))
 }
 
-async fn catalog(reg: Shared, query: &[(String, String)]) -> ApiResult {
+async fn catalog(reg: Shared, query: &[(String, String)], headers: &HeaderMap) -> ApiResult {
     let n = page_size(query, 1000, 10_000)?;
     let last = q(query, "last").map(str::to_string);
     let reg2 = reg.clone();
-    let (repos, more) = blocking(move || Ok(reg2.meta.repos(last.as_deref(), n)?)).await?;
+    let (mut repos, more) = blocking(move || Ok(reg2.meta.repos(last.as_deref(), n)?)).await?;
+    // Only the repositories the caller may pull from.
+    repos.retain(|r| reg.may(headers, Some(r), Action::Pull));
     let body = serde_json::json!({ "repositories": repos }).to_string();
     let mut reply = Reply::new(StatusCode::OK).h("content-type", "application/json");
     if more && n > 0 {

@@ -72,7 +72,9 @@ pub struct Registry {
     pub proxy: proxy::Proxy,
     hashers: Mutex<Hashers>,
     /// Server-side conversions run one at a time.
-    pub(crate) convert_slot: Mutex<()>,
+    pub(crate) convert_slot: Arc<tokio::sync::Semaphore>,
+    /// Upload sessions a request is writing to right now (one writer per session).
+    writing: Mutex<std::collections::HashSet<String>>,
     /// Publishing takes it shared; removing bytes takes it exclusively, so a blob is
     /// never deleted between another upload's rename and its link.
     publish: RwLock<()>,
@@ -101,7 +103,8 @@ impl Registry {
             metrics: Metrics::new(),
             proxy,
             hashers: Mutex::new(HashMap::new()),
-            convert_slot: Mutex::new(()),
+            convert_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            writing: Mutex::new(std::collections::HashSet::new()),
             publish: RwLock::new(()),
         };
         reg.expire_uploads()?;
@@ -134,6 +137,23 @@ impl Registry {
         self.hashers().remove(id)
     }
 
+    /// Exclusive right to write to (or close, or cancel) upload session `id` while the
+    /// guard lives: two requests appending at once could interleave their bytes.
+    pub(crate) fn lock_session(self: &Arc<Self>, id: &str) -> Result<SessionGuard, ApiError> {
+        let mut w = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if !w.insert(id.to_string()) {
+            return Err(ApiError::new(
+                Code::BlobUploadInvalid,
+                "another request is writing to this upload session; retry when it is done",
+            )
+            .status(StatusCode::RANGE_NOT_SATISFIABLE));
+        }
+        Ok(SessionGuard {
+            reg: self.clone(),
+            id: id.to_string(),
+        })
+    }
+
     pub(crate) async fn drop_session(self: &Arc<Self>, id: &str) {
         self.hashers_remove(id);
         let (reg, id) = (self.clone(), id.to_string());
@@ -148,7 +168,7 @@ impl Registry {
     pub(crate) fn remove_bytes(&self, d: &BlobDigest) -> Result<(), StoreError> {
         let ds = d.to_string();
         if self.meta.pack_admitted(&ds)? {
-            let ids = ext::pack_chunk_ids(self.backend.as_ref(), d).unwrap_or_default();
+            let ids = ext::pack_chunk_ids(self.backend.as_ref(), d)?;
             self.meta.forget_pack(&ds, &ids)?;
         }
         self.backend.delete(d)?;
@@ -237,6 +257,22 @@ impl Registry {
     }
 }
 
+/// Held while a request writes to an upload session.
+pub(crate) struct SessionGuard {
+    reg: Arc<Registry>,
+    id: String,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.reg
+            .writing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
 async fn v2(State(reg): State<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let Some(route) = parse_route(parts.uri.path()) else {
@@ -247,38 +283,44 @@ async fn v2(State(reg): State<Shared>, req: Request) -> Response {
         .status(StatusCode::NOT_FOUND)
         .into_response();
     };
-    let action = if route == Route::Catalog {
-        Action::Pull
-    } else {
-        required_action(&parts.method)
-    };
-    if let Err(e) = reg.authorize(&parts.headers, &route, action) {
-        return e.into_response();
-    }
+    // `?ns=NAME` (containerd's mirror form) means the pull-through repository NAME/REPO.
     let ns = parts.uri.query().and_then(|q| {
         q.split('&')
             .find_map(|kv| kv.strip_prefix("ns="))
             .map(str::to_string)
     });
-    let mut resp = match api::dispatch(
-        reg.clone(),
-        route,
-        parts.method,
-        parts.uri.query().map(str::to_string),
-        parts.headers,
-        body,
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    let ns = ns.filter(|ns| reg.proxy.knows(ns));
+    let route = match &ns {
+        Some(ns) => route.under_namespace(ns),
+        None => route,
     };
+    let query = parts.uri.query().map(|q| {
+        q.split('&')
+            .filter(|kv| !kv.starts_with("ns="))
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    let action = required_action(&route, &parts.method);
+    // bcrypt takes tens of milliseconds: keep it off the async worker threads.
+    let authorized = if reg.auth.is_some() {
+        tokio::task::block_in_place(|| reg.authorize(&parts.headers, &route, action))
+    } else {
+        Ok(())
+    };
+    if let Err(e) = authorized {
+        return e.into_response();
+    }
+    let mut resp =
+        match api::dispatch(reg.clone(), route, parts.method, query, parts.headers, body).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
     let h = resp.headers_mut();
     h.insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
     );
-    if let Some(ns) = ns.filter(|ns| reg.proxy.knows(ns)) {
+    if let Some(ns) = ns {
         if let Ok(v) = HeaderValue::from_str(&ns) {
             h.insert("oci-namespace", v);
         }
@@ -342,7 +384,12 @@ async fn observe(
 pub fn router(reg: Shared) -> axum::Router {
     axum::Router::new()
         .route("/metrics", axum::routing::get(metrics_handler))
-        .route("/tessera/v1/chunks", axum::routing::post(ext::query_chunks))
+        .route(
+            "/tessera/v1/chunks",
+            axum::routing::post(ext::query_chunks)
+                // 100000 ids of 71 bytes; axum's default body limit is 2 MiB.
+                .layer(axum::extract::DefaultBodyLimit::max(16 << 20)),
+        )
         .fallback(v2)
         .layer(axum::middleware::from_fn_with_state(reg.clone(), observe))
         .with_state(reg)

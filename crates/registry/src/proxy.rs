@@ -84,15 +84,11 @@ impl Proxy {
         self.upstreams.iter().any(|u| u.cfg.name == ns)
     }
 
-    /// The upstream serving `repo` and the repository name there.
-    pub fn select(&self, repo: &str, query: &[(String, String)]) -> Option<(&Upstream, String)> {
-        if let Some((_, ns)) = query.iter().find(|(k, _)| k == "ns") {
-            return self
-                .upstreams
-                .iter()
-                .find(|u| &u.cfg.name == ns)
-                .map(|u| (u, repo.to_string()));
-        }
+    /// The upstream serving `repo` (`NAME/...`) and the repository name there.
+    /// Requests with `?ns=NAME` are rewritten to `NAME/...` before routing (see `lib.rs`),
+    /// so a pull-through repository is always under its upstream's prefix and `ns` can
+    /// never make a local repository a cache of something else.
+    pub fn select(&self, repo: &str) -> Option<(&Upstream, String)> {
         let (first, rest) = repo.split_once('/')?;
         self.upstreams
             .iter()
@@ -266,9 +262,8 @@ impl crate::Registry {
         self: &Arc<Self>,
         repo: &str,
         reference: &Reference,
-        query: &[(String, String)],
     ) -> Result<Option<(BlobDigest, ManifestMeta)>, ApiError> {
-        let Some((up, urepo)) = self.proxy.select(repo, query) else {
+        let Some((up, urepo)) = self.proxy.select(repo) else {
             return Ok(None);
         };
         self.metrics.upstream_fetches.inc();
@@ -329,14 +324,17 @@ impl crate::Registry {
                 "upstream manifest exceeds {limit} bytes"
             )));
         }
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| upstream_error(format!("upstream manifest transfer broke: {e}")))?;
-        if bytes.len() as u64 > limit {
-            return Err(upstream_error(format!(
-                "upstream manifest exceeds {limit} bytes"
-            )));
+        let mut bytes = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(part) = stream.next().await {
+            let part =
+                part.map_err(|e| upstream_error(format!("upstream manifest transfer broke: {e}")))?;
+            if (bytes.len() + part.len()) as u64 > limit {
+                return Err(upstream_error(format!(
+                    "upstream manifest exceeds {limit} bytes"
+                )));
+            }
+            bytes.extend_from_slice(&part);
         }
         let d = match reference {
             Reference::Digest(want) => {
@@ -383,13 +381,8 @@ impl crate::Registry {
     }
 
     /// Tags within their TTL are answered from the cache without asking upstream.
-    pub(crate) async fn fresh_proxy_tag(
-        self: &Arc<Self>,
-        repo: &str,
-        tag: &str,
-        query: &[(String, String)],
-    ) -> bool {
-        let Some((up, _)) = self.proxy.select(repo, query) else {
+    pub(crate) async fn fresh_proxy_tag(self: &Arc<Self>, repo: &str, tag: &str) -> bool {
+        let Some((up, _)) = self.proxy.select(repo) else {
             return true;
         };
         let ttl = up.cfg.tag_ttl_secs;
@@ -435,11 +428,12 @@ impl crate::Registry {
         self: &Arc<Self>,
         repo: &str,
         d: &BlobDigest,
-        query: &[(String, String)],
     ) -> Result<Option<(u64, Arc<Flight>)>, ApiError> {
-        let Some((up, urepo)) = self.proxy.select(repo, query) else {
+        if self.proxy.select(repo).is_none() {
             return Ok(None);
-        };
+        }
+        // Flights are per repository: each one links the blob into its own repository.
+        let key = format!("{repo}\0{d}");
         // Register the flight before asking upstream, so that clients arriving while the
         // request is out join it instead of sending their own.
         let (tx, rx) = watch::channel(FlightState::Starting);
@@ -450,10 +444,10 @@ impl crate::Registry {
         });
         let existing = {
             let mut flights = self.proxy.flights();
-            match flights.get(&d.to_string()) {
+            match flights.get(&key) {
                 Some(f) => Some(f.clone()),
                 None => {
-                    flights.insert(d.to_string(), mine.clone());
+                    flights.insert(key.clone(), mine.clone());
                     None
                 }
             }
@@ -461,60 +455,64 @@ impl crate::Registry {
         if let Some(f) = existing {
             return join(f).await;
         }
-        let started = self.start_flight(up, &urepo, repo, d, &mine, &tx).await;
-        match started {
-            Ok(Some(resp)) => {
-                let size = mine.size.get().copied().unwrap_or(0);
-                let (reg, d2, repo2, session) = (
-                    self.clone(),
-                    d.clone(),
-                    repo.to_string(),
-                    mine.session.clone(),
-                );
-                tokio::spawn(async move {
-                    let outcome = reg.download(resp, &session, &d2, size, &tx).await;
-                    reg.proxy.flights().remove(&d2.to_string());
-                    let result = match outcome {
-                        Ok(()) => {
-                            let (reg2, s, d3, r3) =
-                                (reg.clone(), session.clone(), d2.clone(), repo2.clone());
-                            tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-                                let _r = reg2.read_lock();
-                                reg2.backend.upload_commit(&s, &d3)?;
-                                reg2.meta.finish_upload(&s, &r3, &d3, size)
-                            })
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r.map_err(|e| e.to_string()))
-                        }
-                        Err(msg) => Err(msg),
-                    };
-                    match result {
-                        Ok(()) => {
-                            tracing::info!(repository = %repo2, digest = %d2, size, "blob cached from upstream");
-                            let _ = tx.send(FlightState::Done);
-                        }
-                        Err(msg) => {
-                            reg.metrics.upstream_errors.inc();
-                            tracing::warn!(digest = %d2, error = %msg, "upstream blob transfer failed; nothing cached");
-                            let _ = tx.send(FlightState::Failed(msg));
-                            reg.drop_session(&session).await;
-                        }
-                    }
-                });
-                Ok(Some((size, mine)))
-            }
-            Ok(None) => {
-                self.proxy.flights().remove(&d.to_string());
+        // The download runs in its own task: a client that goes away (even while the
+        // upstream request is out) cannot strand the flight for the others.
+        let (reg, repo2, d2, flight) = (self.clone(), repo.to_string(), d.clone(), mine.clone());
+        tokio::spawn(async move {
+            let Some((up, urepo)) = reg.proxy.select(&repo2) else {
+                reg.proxy.flights().remove(&key);
                 let _ = tx.send(FlightState::Missing);
-                Ok(None)
+                return;
+            };
+            let resp = match reg
+                .start_flight(up, &urepo, &repo2, &d2, &flight, &tx)
+                .await
+            {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    reg.proxy.flights().remove(&key);
+                    let _ = tx.send(FlightState::Missing);
+                    return;
+                }
+                Err(e) => {
+                    reg.proxy.flights().remove(&key);
+                    let _ = tx.send(FlightState::Failed(e.message.clone()));
+                    return;
+                }
+            };
+            let size = flight.size.get().copied().unwrap_or(0);
+            let session = flight.session.clone();
+            let outcome = reg.download(resp, &session, &d2, size, &tx).await;
+            reg.proxy.flights().remove(&key);
+            let result = match outcome {
+                Ok(()) => {
+                    let (reg2, s, d3, r3) =
+                        (reg.clone(), session.clone(), d2.clone(), repo2.clone());
+                    tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                        let _r = reg2.read_lock();
+                        reg2.backend.upload_commit(&s, &d3)?;
+                        reg2.meta.finish_upload(&s, &r3, &d3, size)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                }
+                Err(msg) => Err(msg),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(repository = %repo2, digest = %d2, size, "blob cached from upstream");
+                    let _ = tx.send(FlightState::Done);
+                }
+                Err(msg) => {
+                    reg.metrics.upstream_errors.inc();
+                    tracing::warn!(digest = %d2, error = %msg, "upstream blob transfer failed; nothing cached");
+                    let _ = tx.send(FlightState::Failed(msg));
+                    reg.drop_session(&session).await;
+                }
             }
-            Err(e) => {
-                self.proxy.flights().remove(&d.to_string());
-                let _ = tx.send(FlightState::Failed(e.message.clone()));
-                Err(e)
-            }
-        }
+        });
+        join(mine).await
     }
 
     /// Make a pull-through blob local (for the in-process converter): join or start its
@@ -524,7 +522,7 @@ impl crate::Registry {
         repo: &str,
         d: &BlobDigest,
     ) -> Result<(), ApiError> {
-        let Some((_, f)) = self.pull_through_blob(repo, d, &[]).await? else {
+        let Some((_, f)) = self.pull_through_blob(repo, d).await? else {
             return Err(ApiError::new(
                 Code::BlobUnknown,
                 format!("upstream has no blob {d}"),
@@ -791,15 +789,11 @@ mod tests {
         let p = Proxy::new(&[UpstreamConfig::parse_flag("docker.io=http://127.0.0.1:1").unwrap()])
             .unwrap();
         assert_eq!(
-            p.select("docker.io/library/debian", &[]).map(|x| x.1),
+            p.select("docker.io/library/debian").map(|x| x.1),
             Some("library/debian".into())
         );
-        assert!(p.select("library/debian", &[]).is_none());
-        let ns = vec![("ns".to_string(), "docker.io".to_string())];
-        assert_eq!(
-            p.select("library/debian", &ns).map(|x| x.1),
-            Some("library/debian".into())
-        );
+        assert!(p.select("library/debian").is_none());
         assert!(p.knows("docker.io"));
+        assert!(!p.knows("library"));
     }
 }

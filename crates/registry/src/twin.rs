@@ -28,22 +28,29 @@ pub fn schedule(reg: &Shared, repo: &str, d: &BlobDigest) {
         return;
     }
     let (reg, repo, d) = (reg.clone(), repo.to_string(), d.clone());
-    tokio::task::spawn_blocking(move || {
-        // One conversion at a time: pushes and pulls keep the other core.
-        let _slot = reg.convert_slot.lock().unwrap_or_else(|e| e.into_inner());
-        match convert_twin(&reg, &repo, &d) {
-            Ok(Some(twin)) => {
-                reg.metrics.twins_converted.inc();
-                tracing::info!(repository = %repo, source = %d, twin = %twin, "tessera twin converted");
+    tokio::spawn(async move {
+        // One conversion at a time, waiting without holding a blocking thread: pushes and
+        // pulls keep the other core.
+        let Ok(permit) = reg.convert_slot.clone().acquire_owned().await else {
+            return;
+        };
+        let _ = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            match convert_twin(&reg, &repo, &d) {
+                Ok(Some(twin)) => {
+                    reg.metrics.twins_converted.inc();
+                    tracing::info!(repository = %repo, source = %d, twin = %twin, "tessera twin converted");
+                }
+                Ok(None) => {
+                    tracing::debug!(repository = %repo, source = %d, "twin exists or not an image")
+                }
+                Err(e) => {
+                    reg.metrics.twins_failed.inc();
+                    tracing::warn!(repository = %repo, source = %d, error = %e, "tessera twin conversion failed");
+                }
             }
-            Ok(None) => {
-                tracing::debug!(repository = %repo, source = %d, "twin exists or not an image")
-            }
-            Err(e) => {
-                reg.metrics.twins_failed.inc();
-                tracing::warn!(repository = %repo, source = %d, error = %e, "tessera twin conversion failed");
-            }
-        }
+        })
+        .await;
     });
 }
 
@@ -116,7 +123,7 @@ impl LocalRepo {
         {
             return Ok(s);
         }
-        if self.reg.proxy.select(&self.repo, &[]).is_some() {
+        if self.reg.proxy.select(&self.repo).is_some() {
             let rt = tokio::runtime::Handle::current();
             rt.block_on(self.reg.fetch_through(&self.repo, &bd))
                 .map_err(|e| OciError::Registry(e.message))?;
@@ -281,11 +288,12 @@ impl Store for LocalRepo {
                 actual: Digest::of(bytes).to_string(),
             });
         }
-        {
-            let _r = self.reg.read_lock();
-            self.reg.backend.put(&bd, bytes).map_err(store_err)?;
-        }
-        self.link(&bd, bytes.len() as u64)
+        let _r = self.reg.read_lock();
+        self.reg.backend.put(&bd, bytes).map_err(store_err)?;
+        self.reg
+            .meta
+            .link_blob(&self.repo, &bd, bytes.len() as u64)
+            .map_err(store_err)
     }
 
     fn put_manifest(
@@ -353,7 +361,14 @@ impl Store for LocalRepo {
             };
             let bd = Self::bd(&pack);
             let mut found = None;
-            for repo in self.reg.meta.repos_with_blob(&h.pack).map_err(store_err)? {
+            // With auth, the pushing user may not read other repositories: reuse only packs
+            // already in this one. Without auth every repository is readable by anyone.
+            let candidates = if self.reg.auth.is_some() {
+                vec![self.repo.clone()]
+            } else {
+                self.reg.meta.repos_with_blob(&h.pack).map_err(store_err)?
+            };
+            for repo in candidates {
                 if let Some(size) = self.reg.meta.blob_in_repo(&repo, &bd).map_err(store_err)? {
                     found = Some((repo, size));
                     break;
