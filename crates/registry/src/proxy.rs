@@ -257,6 +257,34 @@ fn header_digest(resp: &reqwest::Response) -> Option<BlobDigest> {
 }
 
 impl crate::Registry {
+    /// GET `path` upstream: None on 404, an error (counted) on anything but success.
+    async fn upstream_get(
+        &self,
+        up: &Upstream,
+        path: &str,
+        urepo: &str,
+    ) -> Result<Option<reqwest::Response>, ApiError> {
+        let resp = match up.send(reqwest::Method::GET, path, urepo).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.upstream_errors.inc();
+                return Err(e);
+            }
+        };
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            self.metrics.upstream_errors.inc();
+            return Err(upstream_error(format!(
+                "upstream {} answered {} for {path}",
+                up.cfg.name,
+                resp.status()
+            )));
+        }
+        Ok(Some(resp))
+    }
+
     /// Manifest lookup for a pull-through repository (None when `repo` is not one).
     pub(crate) async fn pull_through_manifest(
         self: &Arc<Self>,
@@ -294,24 +322,9 @@ impl crate::Registry {
                 }
             }
         }
-        let resp = match up.send(reqwest::Method::GET, &path, &urepo).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.upstream_errors.inc();
-                return Err(e);
-            }
-        };
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        let Some(resp) = self.upstream_get(up, &path, &urepo).await? else {
             return Ok(None);
-        }
-        if !resp.status().is_success() {
-            self.metrics.upstream_errors.inc();
-            return Err(upstream_error(format!(
-                "upstream {} answered {} for {path}",
-                up.cfg.name,
-                resp.status()
-            )));
-        }
+        };
         let media_type = resp
             .headers()
             .get("content-type")
@@ -561,24 +574,9 @@ impl crate::Registry {
     ) -> Result<Option<reqwest::Response>, ApiError> {
         self.metrics.upstream_fetches.inc();
         let path = format!("/v2/{urepo}/blobs/{d}");
-        let resp = match up.send(reqwest::Method::GET, &path, urepo).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.upstream_errors.inc();
-                return Err(e);
-            }
-        };
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        let Some(resp) = self.upstream_get(up, &path, urepo).await? else {
             return Ok(None);
-        }
-        if !resp.status().is_success() {
-            self.metrics.upstream_errors.inc();
-            return Err(upstream_error(format!(
-                "upstream {} answered {} for {path}",
-                up.cfg.name,
-                resp.status()
-            )));
-        }
+        };
         let size = resp
             .content_length()
             .ok_or_else(|| upstream_error("upstream blob reply has no Content-Length"))?;
