@@ -556,6 +556,7 @@ async fn append_body(
     let mut stream = body.into_data_stream();
     let mut n: u64 = 0;
     let mut failure: Option<ApiError> = None;
+    let mut writer_gone = false;
     while let Some(frame) = stream.next().await {
         match frame {
             Ok(b) => {
@@ -577,6 +578,8 @@ async fn append_body(
                     h.update(&b);
                 }
                 if tx.send(Some(b)).await.is_err() {
+                    // The writer stopped (e.g. the disk is full): its error is the answer.
+                    writer_gone = true;
                     break;
                 }
             }
@@ -589,7 +592,11 @@ async fn append_body(
             }
         }
     }
-    if failure.is_none() {
+    if writer_gone {
+        // Let the client finish sending so that it reads the error reply.
+        drain(stream).await;
+    }
+    if failure.is_none() && !writer_gone {
         if let Some(e) = expect.filter(|&e| e != n) {
             failure = Some(ApiError::new(
                 Code::SizeInvalid,
@@ -717,7 +724,14 @@ async fn patch_upload(
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let _writing = reg.lock_session(&id)?;
+    let _writing = match reg.lock_session(&id) {
+        Ok(g) => g,
+        Err(e) => {
+            // Read the refused body so the client sees the reply, not a broken pipe.
+            drain(body.into_data_stream()).await;
+            return Err(e);
+        }
+    };
     let size = session(&reg, &repo, &id).await?;
     let range = match content_range(headers) {
         Ok(r) => r,
@@ -752,7 +766,14 @@ async fn put_upload(
     query: &[(String, String)],
     body: Body,
 ) -> ApiResult {
-    let _writing = reg.lock_session(&id)?;
+    let _writing = match reg.lock_session(&id) {
+        Ok(g) => g,
+        Err(e) => {
+            // Read the refused body so the client sees the reply, not a broken pipe.
+            drain(body.into_data_stream()).await;
+            return Err(e);
+        }
+    };
     let size = session(&reg, &repo, &id).await?;
     let d = match q(query, "digest") {
         Some(d) => parse_digest(d)?,
