@@ -1,5 +1,7 @@
 //! `tessera`: the command-line front end. Thin glue over the library crates.
 
+mod mount_cmd;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -39,7 +41,7 @@ enum LogFormat {
 }
 
 #[derive(clap::Args, Clone)]
-struct RegistryArgs {
+pub struct RegistryArgs {
     /// Use plain HTTP for registries that are not on loopback.
     #[arg(long)]
     plain_http: bool,
@@ -129,32 +131,37 @@ Examples:
   tessera serve --config /etc/tessera/registry.toml"
     )]
     Serve(ServeArgs),
-    /// Serve a tessera image read-only over FUSE, fetching content lazily (root needed).
+    /// Serve tessera images read-only (or copy-on-write) over FUSE, fetching content
+    /// lazily into the node store (root needed).
     #[command(
-        after_help = "Runs in the foreground until the directory is unmounted (tessera umount DIR);
-prints `mounted REF at DIR` on stdout once the mount is in place.
+        after_help = "Runs in the foreground until every directory is unmounted (tessera umount DIR);
+prints `mounted REF at DIR` on stdout for each mount once it is in place. A read that
+needs chunks the node store lacks fetches them from the registry (retrying up to
+--fetch-timeout, then failing that read with EIO; the mount stays up).
 
 Examples:
   tessera mount 127.0.0.1:5000/app:1-tessera /run/tessera/app
-  tessera mount oci:./out:app /mnt/app --store /var/lib/tessera/chunks"
+  tessera mount oci:./out:app /mnt/app --store /var/lib/tessera/chunks --quota 20G
+  tessera mount reg:5000/app:1 /run/app --writable          # copy-on-write root for chroot
+  tessera mount reg:5000/a:1 /run/a reg:5000/b:1 /run/b     # one daemon, two mounts
+  tessera mount reg:5000/app:1 /run/app --record-profile app.profile
+  tessera mount reg:5000/app:1 /run/app --prefetch-profile app.profile --prefetch"
     )]
-    Mount {
-        reference: String,
-        dir: PathBuf,
-        /// Node store: verified chunks shared by every mount [default: /var/lib/tessera/chunks
-        /// as root, else $XDG_CACHE_HOME/tessera/chunks].
-        #[arg(long, value_name = "DIR")]
-        store: Option<PathBuf>,
-        /// Threads serving FUSE requests.
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
-        #[command(flatten)]
-        reg: RegistryArgs,
-    },
-    /// Unmount a `tessera mount` (also one whose process died).
+    Mount(mount_cmd::MountArgs),
+    /// Unmount a `tessera mount` (also one whose process died; with --writable, the
+    /// overlay and the image under it).
     #[command(after_help = "Example:
   tessera umount /run/tessera/app")]
     Umount { dir: PathBuf },
+    /// Inspect and maintain the node store: stats, gc, verify.
+    #[command(after_help = "Examples:
+  tessera cache stats --json
+  tessera cache gc --max-size 20G
+  tessera cache verify --store /var/lib/tessera/chunks")]
+    Cache {
+        #[command(subcommand)]
+        cmd: mount_cmd::CacheCmd,
+    },
     /// Compare two directory trees (content, type, mode, owner, mtime, xattrs, links).
     #[command(
         name = "diff-tree",
@@ -354,31 +361,9 @@ fn mb(n: u64) -> String {
 fn run(cli: &Cli) -> Result<i32> {
     match &cli.cmd {
         Cmd::Serve(args) => serve(args),
-        Cmd::Mount {
-            reference,
-            dir,
-            store,
-            threads,
-            reg,
-        } => {
-            let (source, img) = open_image(reference, reg)?;
-            let store_dir = store.clone().unwrap_or_else(default_node_store);
-            let node_store = tessera_mount::store::NodeStore::open(&store_dir)
-                .with_context(|| format!("opening the node store {}", store_dir.display()))?;
-            let fs = tessera_mount::ImageFs::new(img, source, std::sync::Arc::new(node_store));
-            tessera_mount::serve(fs, dir, *threads, || {
-                use std::io::Write as _;
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "mounted {reference} at {}", dir.display());
-                let _ = out.flush();
-            })
-            .with_context(|| format!("mounting {reference}"))?;
-            Ok(0)
-        }
-        Cmd::Umount { dir } => {
-            tessera_mount::unmount(dir)?;
-            Ok(0)
-        }
+        Cmd::Mount(args) => mount_cmd::mount(args),
+        Cmd::Umount { dir } => mount_cmd::umount(dir),
+        Cmd::Cache { cmd } => mount_cmd::cache(cmd),
         Cmd::Convert {
             src,
             dst,

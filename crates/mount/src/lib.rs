@@ -11,8 +11,10 @@
 //! * The image never changes, so the kernel may cache entries, attributes and data for
 //!   long (`keep_cache`).
 
+pub mod fetch;
 pub mod store;
 
+use fetch::{Failure, Fetcher, Priority};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
@@ -20,13 +22,13 @@ use fuser::{
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use store::NodeStore;
 use tessera_format::index::{FileMap, Meta, Node};
-use tessera_image::{ChunkReader, TesseraImage};
-use tessera_oci::Store;
+use tessera_image::TesseraImage;
 
 /// Kernel cache lifetime of entries and attributes: the image is immutable.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -43,26 +45,36 @@ pub enum MountError {
         path: String,
         source: std::io::Error,
     },
+    #[error("overlay on {path}: {source} (the kernel needs overlayfs; upper and work dirs must be on one filesystem that is not itself an overlay)")]
+    Overlay {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("unmounting {path}: {source}")]
     Unmount {
         path: String,
         source: std::io::Error,
     },
+    #[error("profile {path}: {source}")]
+    Profile {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
-/// Counters of one mount.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Stats {
-    pub chunks_from_store: u64,
-    pub chunks_fetched: u64,
-    pub bytes_fetched: u64,
-    pub fetch_errors: u64,
+/// Per-file state of readers (for readahead).
+#[derive(Default, Clone, Copy)]
+struct Cursor {
+    /// Where the last read ended.
+    last_end: u64,
+    /// Bytes of the file queued for readahead so far.
+    ahead: u64,
 }
 
 pub struct ImageFs {
     image: Arc<TesseraImage>,
-    source: Box<dyn Store>,
-    store: Arc<NodeStore>,
+    fetcher: Arc<Fetcher>,
+    readahead: u64,
     /// Children (entry numbers) of every directory entry, in index order.
     children: Vec<Vec<u32>>,
     /// (parent entry, name) → entry.
@@ -70,7 +82,14 @@ pub struct ImageFs {
     /// Link count of every inode entry.
     nlink: Vec<u32>,
     maps: Mutex<HashMap<u32, Arc<FileMap>>>,
-    stats: Mutex<Stats>,
+    cursors: Mutex<HashMap<u32, Cursor>>,
+    /// `--record-profile`: files in the order they were first read.
+    profile: Option<Mutex<Profile>>,
+}
+
+struct Profile {
+    out: std::fs::File,
+    seen: Vec<bool>,
 }
 
 /// A timestamp from the index; times the platform cannot represent become the epoch.
@@ -85,7 +104,7 @@ fn time(secs: i64, nsec: u32) -> SystemTime {
 }
 
 impl ImageFs {
-    pub fn new(image: TesseraImage, source: Box<dyn Store>, store: Arc<NodeStore>) -> ImageFs {
+    pub fn new(fetcher: Arc<Fetcher>, image: Arc<TesseraImage>, readahead: u64) -> ImageFs {
         let n = image.index.entries.len();
         let mut children = vec![Vec::new(); n];
         let mut names = HashMap::with_capacity(n);
@@ -108,19 +127,84 @@ impl ImageFs {
             }
         }
         ImageFs {
-            image: Arc::new(image),
-            source,
-            store,
+            image,
+            fetcher,
+            readahead,
             children,
             names,
             nlink,
             maps: Mutex::new(HashMap::new()),
-            stats: Mutex::new(Stats::default()),
+            cursors: Mutex::new(HashMap::new()),
+            profile: None,
         }
     }
 
-    pub fn stats(&self) -> Stats {
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    /// Append the path of every file to `path` when it is first read.
+    pub fn record_profile(&mut self, path: &Path) -> Result<(), MountError> {
+        let out = std::fs::File::create(path).map_err(|source| MountError::Profile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.profile = Some(Mutex::new(Profile {
+            out,
+            seen: vec![false; self.image.index.entries.len()],
+        }));
+        Ok(())
+    }
+
+    /// The path (from the root, without a leading slash) of entry `i`.
+    pub fn path_of(&self, mut i: usize) -> Vec<u8> {
+        let mut parts = Vec::new();
+        while i != 0 {
+            let Some(e) = self.image.index.entries.get(i) else {
+                break;
+            };
+            parts.push(e.name.as_slice());
+            i = e.parent as usize;
+        }
+        parts.reverse();
+        parts.join(&b'/')
+    }
+
+    /// The entry at `path` (components separated by `/`), following no links.
+    pub fn lookup_path(&self, path: &[u8]) -> Option<u32> {
+        let mut cur = 0u32;
+        for part in path.split(|&b| b == b'/').filter(|p| !p.is_empty()) {
+            cur = *self.names.get(&(cur, part.to_vec()))?;
+        }
+        Some(cur)
+    }
+
+    /// Chunks of the files named in a profile (one path per line), in order, then —
+    /// with `whole` — every other chunk of the image in index order; queued for
+    /// background fetching at low priority. Returns the number of chunks queued.
+    pub fn prefetch(&self, profile: &[u8], whole: bool) -> usize {
+        let mut seen = vec![false; self.image.index.chunks.len()];
+        let mut queued = 0;
+        let mut queue_file = |i: usize| {
+            let i = self.image.index.inode_entry(i);
+            if let Some(Node::File(_, f)) = self.image.index.entries.get(i).map(|e| &e.node) {
+                let job: Vec<u32> = f
+                    .chunks
+                    .iter()
+                    .copied()
+                    .filter(|&c| !std::mem::replace(&mut seen[c as usize], true))
+                    .collect();
+                queued += job.len();
+                self.fetcher.enqueue(job, Priority::Low);
+            }
+        };
+        for line in profile.split(|&b| b == b'\n') {
+            if let Some(i) = self.lookup_path(line) {
+                queue_file(i as usize);
+            }
+        }
+        if whole {
+            for i in 0..self.image.index.entries.len() {
+                queue_file(i);
+            }
+        }
+        queued
     }
 
     /// The inode entry behind an inode number.
@@ -128,7 +212,6 @@ impl ImageFs {
         let i = ino.0.checked_sub(1)? as usize;
         (i < self.image.index.entries.len()).then(|| self.image.index.inode_entry(i))
     }
-
     fn attr(&self, i: usize) -> Option<FileAttr> {
         let i = self.image.index.inode_entry(i);
         let e = self.image.index.entries.get(i)?;
@@ -175,6 +258,56 @@ impl ImageFs {
         )
     }
 
+    /// Queue the next `readahead` bytes of a file read sequentially.
+    fn read_ahead(&self, i: usize, offset: u64, end: u64, f: &tessera_format::index::FileData) {
+        if self.readahead == 0 || end >= f.size {
+            return;
+        }
+        let (from, to) = {
+            let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            let cur = cursors.entry(i as u32).or_default();
+            let sequential = offset == 0 || offset == cur.last_end;
+            cur.last_end = end;
+            if !sequential {
+                return;
+            }
+            let to = (end + self.readahead).min(f.size);
+            // Top the window up once half of it was consumed.
+            if cur.ahead >= end + self.readahead / 2 {
+                return;
+            }
+            let from = cur.ahead.max(end);
+            cur.ahead = to;
+            (from, to)
+        };
+        let Some(map) = self.file_map(i) else { return };
+        let Some((mut k, mut pos)) = map.locate(from) else {
+            return;
+        };
+        let mut job = Vec::new();
+        while pos < to && k < f.chunks.len() {
+            let c = f.chunks[k];
+            job.push(c);
+            pos += self.image.index.chunks[c as usize].len as u64;
+            k += 1;
+        }
+        self.fetcher.enqueue(job, Priority::High);
+    }
+
+    fn note_first_read(&self, i: usize) {
+        let Some(p) = &self.profile else { return };
+        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+        if p.seen.get(i).copied().unwrap_or(true) {
+            return;
+        }
+        p.seen[i] = true;
+        let mut line = self.path_of(i);
+        line.push(b'\n');
+        if let Err(e) = p.out.write_all(&line) {
+            tracing::warn!(error = %e, "cannot write the read profile");
+        }
+    }
+
     /// Bytes `offset..offset+size` of file entry `i`.
     pub fn read_file(&self, i: usize, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let Some(Node::File(_, f)) = self.image.index.entries.get(i).map(|e| &e.node) else {
@@ -197,45 +330,17 @@ impl ImageFs {
             pos += self.image.index.chunks[c as usize].len as u64;
             k += 1;
         }
-        let mut have: HashMap<u32, Vec<u8>> = HashMap::new();
-        let mut missing = Vec::new();
-        for &(c, _) in &wanted {
-            if have.contains_key(&c) || missing.contains(&c) {
-                continue;
-            }
-            match self.store.get(&self.image.index.chunks[c as usize].id) {
-                Some(b) => {
-                    have.insert(c, b);
+        self.note_first_read(i);
+        self.read_ahead(i, offset, end, f);
+        let ids: Vec<u32> = wanted.iter().map(|&(c, _)| c).collect();
+        let have = self.fetcher.chunks(&ids).map_err(|e| {
+            match &e {
+                Failure::Unavailable(why) | Failure::Corrupt(why) => {
+                    tracing::error!(entry = i, path = %String::from_utf8_lossy(&self.path_of(i)), error = %why, "read fails with EIO")
                 }
-                None => missing.push(c),
             }
-        }
-        let from_store = have.len() as u64;
-        if !missing.is_empty() {
-            let mut reader = ChunkReader::new(&self.image, self.source.as_ref());
-            let mut sink = |c: u32, data: &[u8]| -> tessera_image::Result<()> {
-                // ChunkReader verified the bytes against the chunk id.
-                let id = self.image.index.chunks[c as usize].id;
-                if let Err(e) = self.store.put(&id, data) {
-                    tracing::warn!(chunk = %id, error = %e, "cannot cache a chunk in the node store");
-                }
-                have.insert(c, data.to_vec());
-                Ok(())
-            };
-            if let Err(e) = reader.read_chunks(&missing, &mut sink) {
-                let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-                s.fetch_errors += 1;
-                tracing::error!(entry = i, error = %e, "fetching chunks failed; read fails with EIO");
-                return Err(Errno::EIO);
-            }
-            let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-            s.chunks_fetched += missing.len() as u64;
-            s.bytes_fetched += reader.fetched;
-        }
-        self.stats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .chunks_from_store += from_store;
+            Errno::EIO
+        })?;
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (c, start) in wanted {
             let data = have.get(&c).ok_or(Errno::EIO)?;
@@ -266,6 +371,10 @@ impl Filesystem for ImageFs {
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_write(1 << 20);
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        self.fetcher.close();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -419,14 +528,80 @@ impl Filesystem for ImageFs {
     }
 }
 
-/// Mount `fs` on `dir` and serve it until it is unmounted. `ready` runs once the
-/// mount is in place.
+/// A copy-on-write root over the read-only image: overlayfs with the FUSE mount as its
+/// lower layer and a private upper layer, all under one base directory.
+#[derive(Debug, Clone)]
+pub struct Writable {
+    /// Holds `lower/` (the FUSE mount), `upper/` and `work/`.
+    pub base: PathBuf,
+}
+
+impl Writable {
+    pub fn lower(&self) -> PathBuf {
+        self.base.join("lower")
+    }
+    pub fn upper(&self) -> PathBuf {
+        self.base.join("upper")
+    }
+    fn mount(&self, target: &Path) -> Result<(), MountError> {
+        let err = |source: std::io::Error| MountError::Overlay {
+            path: target.display().to_string(),
+            source,
+        };
+        for d in ["upper", "work"] {
+            std::fs::create_dir_all(self.base.join(d)).map_err(err)?;
+        }
+        let (lower, upper, work) = (self.lower(), self.upper(), self.base.join("work"));
+        for p in [&lower, &upper, &work] {
+            let s = p.to_string_lossy();
+            if s.contains(',') || s.contains(':') || s.contains('\\') {
+                return Err(err(std::io::Error::other(format!(
+                    "{s}: overlay directories cannot contain ',', ':' or '\\'"
+                ))));
+            }
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        rustix::mount::mount(
+            "tessera",
+            target,
+            "overlay",
+            rustix::mount::MountFlags::empty(),
+            Some(
+                std::ffi::CString::new(opts)
+                    .map_err(|e| err(std::io::Error::other(e)))?
+                    .as_c_str(),
+            ),
+        )
+        .map_err(|e| err(e.into()))
+    }
+}
+
+/// Mount `fs` on `dir` (with `writable`, an overlay on `dir` over the FUSE mount on
+/// `writable.lower()`) and serve it until it is unmounted. `ready` runs once everything
+/// is mounted, while requests are already being served.
 pub fn serve(
     fs: ImageFs,
-    dir: &std::path::Path,
+    dir: &Path,
     threads: usize,
+    writable: Option<&Writable>,
     ready: impl FnOnce(),
 ) -> Result<(), MountError> {
+    let fuse_dir = match writable {
+        Some(w) => {
+            let lower = w.lower();
+            std::fs::create_dir_all(&lower).map_err(|source| MountError::Overlay {
+                path: lower.display().to_string(),
+                source,
+            })?;
+            lower
+        }
+        None => dir.to_path_buf(),
+    };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
@@ -441,20 +616,95 @@ pub fn serve(
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(threads.max(1));
     let err = |source| MountError::Mount {
-        path: dir.display().to_string(),
+        path: fuse_dir.display().to_string(),
         source,
     };
-    let session = fuser::Session::new(fs, dir, &config).map_err(err)?;
+    let session = fuser::Session::new(fs, &fuse_dir, &config).map_err(err)?;
+    // The session must answer requests while the overlay is mounted over it (overlayfs
+    // looks up its lower layer while mounting): run it on its own thread.
+    let runner = std::thread::Builder::new()
+        .name("tessera-fuse".into())
+        .spawn(move || session.run())
+        .map_err(err)?;
+    if let Some(w) = writable {
+        if let Err(e) = w.mount(dir) {
+            let _ = unmount_one(&fuse_dir);
+            let _ = runner.join();
+            return Err(e);
+        }
+    }
     ready();
-    session.run().map_err(err)
+    match runner.join() {
+        Ok(r) => r.map_err(err),
+        Err(_) => Err(err(std::io::Error::other(
+            "the FUSE session thread panicked",
+        ))),
+    }
 }
 
-/// Unmount `dir` (lazily: also cleans up the mount of a daemon that died).
-pub fn unmount(dir: &std::path::Path) -> Result<(), MountError> {
+fn unmount_one(dir: &Path) -> Result<(), MountError> {
     rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH).map_err(|e| {
         MountError::Unmount {
             path: dir.display().to_string(),
             source: e.into(),
         }
     })
+}
+
+/// A mount from `/proc/self/mountinfo`: (mount point, fs type, super options).
+fn mounts() -> Vec<(PathBuf, String, String)> {
+    let unescape = |s: &str| {
+        let mut out = Vec::new();
+        let b = s.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\\' && i + 3 < b.len() {
+                if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+    };
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let point = pre.split(' ').nth(4)?;
+            let mut post = post.split(' ');
+            let fstype = post.next()?.to_string();
+            let _source = post.next();
+            let opts = post.next().unwrap_or("").to_string();
+            Some((unescape(point), fstype, opts))
+        })
+        .collect()
+}
+
+/// Unmount `dir` (lazily: also cleans up the mount of a daemon that died). For a
+/// writable mount, the overlay goes first, then the tessera mount under it.
+pub fn unmount(dir: &Path) -> Result<(), MountError> {
+    let dir_abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let lower = mounts()
+        .into_iter()
+        .rev()
+        .find(|(p, _, _)| *p == dir_abs)
+        .filter(|(_, t, _)| t == "overlay")
+        .and_then(|(_, _, opts)| {
+            opts.split(',')
+                .find_map(|o| o.strip_prefix("lowerdir=").map(PathBuf::from))
+        })
+        .filter(|l| {
+            mounts()
+                .iter()
+                .any(|(p, t, _)| p == l && (t == "fuse" || t.starts_with("fuse.")))
+        });
+    unmount_one(dir)?;
+    if let Some(l) = lower {
+        unmount_one(&l)?;
+    }
+    Ok(())
 }

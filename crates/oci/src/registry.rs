@@ -19,6 +19,9 @@ use tessera_format::Digest;
 /// Largest manifest accepted from a registry.
 pub const MAX_MANIFEST: u64 = 4 << 20;
 
+/// Longest a range read may take (ranges are at most a few MiB).
+const RANGE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How to reach registries.
 #[derive(Debug, Clone, Default)]
 pub struct ClientOptions {
@@ -395,7 +398,12 @@ impl Store for Registry {
         }
         let url = format!("{}/blobs/{digest}", self.base);
         let range = format!("bytes={}-{}", offset, offset + len - 1);
-        let resp = self.send(&|c| c.get(&url).header(RANGE, range.as_str()))?;
+        // A hung registry must not hang the reader (lazy mounts retry on errors).
+        let resp = self.send(&|c| {
+            c.get(&url)
+                .header(RANGE, range.as_str())
+                .timeout(RANGE_TIMEOUT)
+        })?;
         let status = resp.status();
         if !status.is_success() {
             return Err(self.error_of(&format!("range of blob {digest}"), resp));

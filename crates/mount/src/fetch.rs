@@ -1,0 +1,549 @@
+//! Getting chunks for reads: from a small in-memory cache of recent chunks, from the
+//! node store, else from the image's store (a registry) by range reads.
+//!
+//! * One fetch per chunk however many readers want it: the first reader registers a
+//!   flight for the chunk, later readers wait on it (bounded).
+//! * Neighbouring chunks of one pack that are fetched together go in one range request.
+//! * A failing request is retried with exponential backoff until `max_wait` has passed;
+//!   then the chunks fail, and the read that wanted them gets EIO. The next read tries
+//!   again, so the mount recovers when the registry returns.
+//! * Every fetched chunk is verified (sha256 of the decoded bytes) before it is used or
+//!   cached. A chunk that fails is counted, logged and never stored or served.
+//! * Background work (readahead within a file, prefetch of a profile or of the whole
+//!   image) is queued for a few worker threads; readahead before prefetch, and prefetch
+//!   on one worker only, so it does not crowd out the reads a program is waiting for.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tessera_format::pack::decode_chunk;
+use tessera_image::TesseraImage;
+use tessera_oci::{OciError, Store};
+
+use crate::store::NodeStore;
+
+/// Recently used chunks kept in memory (a FUSE read often covers part of a chunk that
+/// the previous read also covered).
+const RECENT: usize = 32;
+
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// How long a read may wait for its chunks (retries included) before it fails.
+    pub max_wait: Duration,
+    /// Bytes read ahead of a sequential reader, in the background.
+    pub readahead: u64,
+    /// Background fetch threads.
+    pub workers: usize,
+    /// Largest coalesced range request.
+    pub max_range: u64,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            max_wait: Duration::from_secs(30),
+            readahead: 4 << 20,
+            workers: 4,
+            max_range: 4 << 20,
+        }
+    }
+}
+
+/// Counters of one image's fetcher.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    pub chunks_from_memory: AtomicU64,
+    pub chunks_from_store: AtomicU64,
+    pub chunks_fetched: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub range_requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub fetch_errors: AtomicU64,
+    pub verification_failures: AtomicU64,
+    /// Chunks a reader got by waiting for another reader's fetch.
+    pub shared_waits: AtomicU64,
+    pub prefetched_chunks: AtomicU64,
+}
+
+impl FetchStats {
+    pub fn to_json(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "chunks_from_memory": g(&self.chunks_from_memory),
+            "chunks_from_store": g(&self.chunks_from_store),
+            "chunks_fetched": g(&self.chunks_fetched),
+            "bytes_fetched": g(&self.bytes_fetched),
+            "range_requests": g(&self.range_requests),
+            "retries": g(&self.retries),
+            "fetch_errors": g(&self.fetch_errors),
+            "verification_failures": g(&self.verification_failures),
+            "shared_waits": g(&self.shared_waits),
+            "prefetched_chunks": g(&self.prefetched_chunks),
+        })
+    }
+}
+
+/// Why a chunk could not be had.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// The registry did not answer in time (after retries).
+    Unavailable(String),
+    /// The bytes did not match the chunk id.
+    Corrupt(String),
+}
+
+type Outcome = Result<Arc<[u8]>, Failure>;
+
+#[derive(Default)]
+struct Flight {
+    result: Mutex<Option<Outcome>>,
+    done: Condvar,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// Readahead: soon wanted by a reader.
+    High,
+    /// Prefetch: wanted some time.
+    Low,
+}
+
+#[derive(Default)]
+struct Queue {
+    high: VecDeque<Vec<u32>>,
+    low: VecDeque<Vec<u32>>,
+    closed: bool,
+}
+
+pub struct Fetcher {
+    /// Verified chunks on their way into the node store (served from here meanwhile).
+    pending: Mutex<HashMap<u32, Arc<[u8]>>>,
+    writer: Mutex<Option<std::sync::mpsc::Sender<u32>>>,
+    image: Arc<TesseraImage>,
+    source: Box<dyn Store>,
+    store: Arc<NodeStore>,
+    opts: FetchOptions,
+    flights: Mutex<HashMap<u32, Arc<Flight>>>,
+    recent: Mutex<VecDeque<(u32, Arc<[u8]>)>>,
+    queue: Mutex<Queue>,
+    queued: Condvar,
+    pub stats: FetchStats,
+}
+
+fn retriable(e: &OciError) -> bool {
+    matches!(
+        e,
+        OciError::Http(_) | OciError::Registry(_) | OciError::Io { .. }
+    )
+}
+
+impl Fetcher {
+    /// A fetcher with its background workers running (stopped by [`Fetcher::close`]).
+    pub fn start(
+        image: Arc<TesseraImage>,
+        source: Box<dyn Store>,
+        store: Arc<NodeStore>,
+        opts: FetchOptions,
+    ) -> Arc<Fetcher> {
+        let workers = opts.workers;
+        let (tx, rx) = std::sync::mpsc::channel::<u32>();
+        let f = Arc::new(Fetcher {
+            pending: Mutex::new(HashMap::new()),
+            writer: Mutex::new(Some(tx)),
+            image,
+            source,
+            store,
+            opts,
+            flights: Mutex::new(HashMap::new()),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            queue: Mutex::new(Queue::default()),
+            queued: Condvar::new(),
+            stats: FetchStats::default(),
+        });
+        {
+            let me = f.clone();
+            let spawned = std::thread::Builder::new()
+                .name("tessera-store-writer".into())
+                .spawn(move || me.write_behind(rx));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the node store writer; chunks are not cached");
+                *f.writer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+        for n in 0..workers {
+            let me = f.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("tessera-fetch-{n}"))
+                .spawn(move || me.worker(n == 0));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a background fetch thread");
+            }
+        }
+        f
+    }
+
+    pub fn image(&self) -> &TesseraImage {
+        &self.image
+    }
+
+    /// Persist fetched chunks in batches (one filesystem sync per batch), so a reader
+    /// never waits for the disk.
+    fn write_behind(self: Arc<Self>, rx: std::sync::mpsc::Receiver<u32>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < 256 {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let datas: Vec<(u32, Arc<[u8]>)> = {
+                let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                batch
+                    .iter()
+                    .filter_map(|c| p.get(c).map(|d| (*c, d.clone())))
+                    .collect()
+            };
+            let items: Vec<_> = datas
+                .iter()
+                .map(|(c, d)| (self.image.index.chunks[*c as usize].id, &d[..]))
+                .collect();
+            if let Err(e) = self.store.put_many(&items) {
+                tracing::warn!(error = %e, chunks = items.len(), "cannot cache chunks in the node store");
+            }
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for c in batch {
+                p.remove(&c);
+            }
+        }
+    }
+
+    /// Wait (bounded) until every fetched chunk is in the node store.
+    pub fn flush(&self, max: Duration) {
+        let start = Instant::now();
+        while !self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+            && start.elapsed() < max
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn persist(&self, c: u32, data: &Arc<[u8]>) {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = w.as_ref() else { return };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(c, data.clone());
+        if tx.send(c).is_err() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&c);
+        }
+    }
+
+    /// Stop the background workers (queued work is dropped) after the chunks fetched so
+    /// far are in the node store.
+    pub fn close(&self) {
+        self.flush(Duration::from_secs(30));
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.closed = true;
+        q.high.clear();
+        q.low.clear();
+        self.queued.notify_all();
+    }
+
+    /// Queue chunks for a background fetch.
+    pub fn enqueue(&self, chunks: Vec<u32>, prio: Priority) {
+        if chunks.is_empty() || self.opts.workers == 0 {
+            return;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.closed {
+            return;
+        }
+        match prio {
+            Priority::High => q.high.push_back(chunks),
+            Priority::Low => q.low.push_back(chunks),
+        }
+        self.queued.notify_all();
+    }
+
+    /// Background jobs not yet started.
+    pub fn queued_jobs(&self) -> usize {
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.high.len() + q.low.len()
+    }
+
+    fn worker(self: Arc<Self>, takes_low: bool) {
+        loop {
+            let job = {
+                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if q.closed {
+                        return;
+                    }
+                    if let Some(j) = q.high.pop_front() {
+                        break (j, Priority::High);
+                    }
+                    if takes_low {
+                        if let Some(j) = q.low.pop_front() {
+                            break (j, Priority::Low);
+                        }
+                    }
+                    q = self.queued.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            let (chunks, prio) = job;
+            // Only what nobody has or is fetching.
+            let todo: Vec<u32> = {
+                let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                chunks
+                    .into_iter()
+                    .filter(|c| !pending.contains_key(c))
+                    .collect()
+            };
+            let todo: Vec<u32> = todo
+                .into_iter()
+                .filter(|&c| !self.store.contains(&self.image.index.chunks[c as usize].id))
+                .collect();
+            let (lead, _) = self.claim(&todo);
+            if prio == Priority::Low {
+                self.stats
+                    .prefetched_chunks
+                    .fetch_add(lead.len() as u64, Ordering::Relaxed);
+            }
+            let _ = self.fetch(&lead);
+        }
+    }
+
+    fn remember(&self, c: u32, data: &Arc<[u8]>) {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if r.iter().any(|(k, _)| *k == c) {
+            return;
+        }
+        if r.len() == RECENT {
+            r.pop_front();
+        }
+        r.push_back((c, data.clone()));
+    }
+
+    fn recent(&self, c: u32) -> Option<Arc<[u8]>> {
+        let r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        r.iter().find(|(k, _)| *k == c).map(|(_, d)| d.clone())
+    }
+
+    /// Register flights for the chunks nobody is fetching: returns (chunks this caller
+    /// must fetch, flights of other fetchers to wait for).
+    fn claim(&self, chunks: &[u32]) -> (Vec<u32>, Vec<(u32, Arc<Flight>)>) {
+        let mut lead = Vec::new();
+        let mut wait = Vec::new();
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        for &c in chunks {
+            match flights.get(&c) {
+                Some(f) => wait.push((c, f.clone())),
+                None => {
+                    flights.insert(c, Arc::new(Flight::default()));
+                    lead.push(c);
+                }
+            }
+        }
+        (lead, wait)
+    }
+
+    fn land(&self, c: u32, outcome: Outcome) {
+        let f = self
+            .flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&c);
+        if let Some(f) = f {
+            *f.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+            f.done.notify_all();
+        }
+    }
+
+    /// The bytes of every chunk in `wanted` (indices into the index's chunk table).
+    pub fn chunks(&self, wanted: &[u32]) -> Result<HashMap<u32, Arc<[u8]>>, Failure> {
+        let mut have: HashMap<u32, Arc<[u8]>> = HashMap::with_capacity(wanted.len());
+        let mut missing = Vec::new();
+        let mut seen = HashSet::new();
+        for &c in wanted {
+            if !seen.insert(c) {
+                continue;
+            }
+            let pending = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&c)
+                .cloned();
+            if let Some(d) = pending.or_else(|| self.recent(c)) {
+                self.stats
+                    .chunks_from_memory
+                    .fetch_add(1, Ordering::Relaxed);
+                have.insert(c, d);
+                continue;
+            }
+            match self.store.get(&self.image.index.chunks[c as usize].id) {
+                Some(b) => {
+                    self.stats.chunks_from_store.fetch_add(1, Ordering::Relaxed);
+                    let d: Arc<[u8]> = b.into();
+                    self.remember(c, &d);
+                    have.insert(c, d);
+                }
+                None => missing.push(c),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(have);
+        }
+        let (lead, wait) = self.claim(&missing);
+        let mut first_err = None;
+        for (c, r) in self.fetch(&lead) {
+            match r {
+                Ok(d) => {
+                    have.insert(c, d);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let deadline = Instant::now() + self.opts.max_wait + Duration::from_secs(5);
+        for (c, f) in wait {
+            self.stats.shared_waits.fetch_add(1, Ordering::Relaxed);
+            let mut r = f.result.lock().unwrap_or_else(|e| e.into_inner());
+            while r.is_none() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                r = f
+                    .done
+                    .wait_timeout(r, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            match r.clone() {
+                Some(Ok(d)) => {
+                    have.insert(c, d);
+                }
+                Some(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                None => {
+                    first_err.get_or_insert(Failure::Unavailable(
+                        "timed out waiting for another reader's fetch".into(),
+                    ));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(have),
+        }
+    }
+
+    /// Fetch chunks this caller claimed, coalescing neighbours of one pack; lands every
+    /// flight (success or failure) before returning.
+    fn fetch(&self, lead: &[u32]) -> Vec<(u32, Outcome)> {
+        let chunks = &self.image.index.chunks;
+        let mut sorted = lead.to_vec();
+        sorted.sort_by_key(|&c| (chunks[c as usize].pack, chunks[c as usize].offset));
+        let mut out = Vec::with_capacity(sorted.len());
+        let mut i = 0;
+        while i < sorted.len() {
+            let first = &chunks[sorted[i] as usize];
+            let mut end = first.offset + first.stored_len as u64;
+            let mut j = i + 1;
+            while j < sorted.len() {
+                let c = &chunks[sorted[j] as usize];
+                if c.pack != first.pack
+                    || c.offset != end
+                    || end - first.offset + c.stored_len as u64 > self.opts.max_range
+                {
+                    break;
+                }
+                end += c.stored_len as u64;
+                j += 1;
+            }
+            let run = &sorted[i..j];
+            match self.read_range_retrying(first.pack, first.offset, end - first.offset) {
+                Ok(buf) => {
+                    for &c in run {
+                        let loc = &chunks[c as usize];
+                        let s = (loc.offset - first.offset) as usize;
+                        let outcome = buf
+                            .get(s..s + loc.stored_len as usize)
+                            .ok_or_else(|| "short range".to_string())
+                            .and_then(|b| {
+                                decode_chunk(b, &self.image.toc_entry(loc))
+                                    .map_err(|e| e.to_string())
+                            });
+                        let outcome = match outcome {
+                            Ok(data) => {
+                                self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                                let d: Arc<[u8]> = data.into();
+                                self.persist(c, &d);
+                                self.remember(c, &d);
+                                Ok(d)
+                            }
+                            Err(e) => {
+                                self.stats
+                                    .verification_failures
+                                    .fetch_add(1, Ordering::Relaxed);
+                                tracing::error!(chunk = %loc.id, error = %e, "chunk failed verification; not cached, reads of it fail with EIO");
+                                Err(Failure::Corrupt(e))
+                            }
+                        };
+                        self.land(c, outcome.clone());
+                        out.push((c, outcome));
+                    }
+                }
+                Err(e) => {
+                    self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, chunks = run.len(), "fetching chunks failed; reads of them fail with EIO");
+                    for &c in run {
+                        let outcome = Err(Failure::Unavailable(e.clone()));
+                        self.land(c, outcome.clone());
+                        out.push((c, outcome));
+                    }
+                }
+            }
+            i = j;
+        }
+        out
+    }
+
+    fn read_range_retrying(&self, pack: u32, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        let digest = self.image.index.packs[pack as usize];
+        let deadline = Instant::now() + self.opts.max_wait;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            self.stats.range_requests.fetch_add(1, Ordering::Relaxed);
+            match self.source.read_range(&digest, offset, len) {
+                Ok(b) => {
+                    self.stats
+                        .bytes_fetched
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                    return Ok(b);
+                }
+                Err(e) if retriable(&e) && Instant::now() + delay < deadline => {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(pack = %digest, error = %e, retry_in_ms = delay.as_millis() as u64, "range read failed; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(format!("pack {digest} bytes {offset}+{len}: {e}")),
+            }
+        }
+    }
+}

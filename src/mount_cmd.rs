@@ -1,0 +1,420 @@
+//! `tessera mount`, `tessera umount` and `tessera cache`: command-line glue over
+//! tessera-mount.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tessera_mount::fetch::{FetchOptions, Fetcher};
+use tessera_mount::store::{MountInfo, NodeStore, StoreOptions};
+use tessera_mount::{ImageFs, Writable};
+
+use crate::RegistryArgs;
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// REF DIR pairs: the image to mount and where (one process serves them all).
+    #[arg(required = true, num_args = 2.., value_names = ["REF", "DIR"])]
+    targets: Vec<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Threads serving FUSE requests (per mount).
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Copy-on-write root: overlayfs over the image with a private upper directory.
+    #[arg(long)]
+    writable: bool,
+    /// With --writable: directory holding upper/, work/ and lower/ (kept after unmount,
+    /// so a later mount can reuse the changes) [default: a fresh one under
+    /// /var/lib/tessera/overlays].
+    #[arg(long, value_name = "DIR", requires = "writable")]
+    upper: Option<PathBuf>,
+    /// How long a read waits for the registry (retrying with backoff) before EIO.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    fetch_timeout: u64,
+    /// Bytes fetched ahead of a sequential reader, in the background (0: off).
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
+    readahead: u64,
+    /// Background fetch threads (readahead and prefetch).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    fetch_workers: usize,
+    /// Fetch the whole image in the background, at low priority, after the profile.
+    #[arg(long)]
+    prefetch: bool,
+    /// Prefetch the files listed in FILE (one path per line, as written by
+    /// --record-profile) first, in that order.
+    #[arg(long, value_name = "FILE")]
+    prefetch_profile: Option<PathBuf>,
+    /// Write the path of every file, in the order files are first read, to FILE.
+    #[arg(long, value_name = "FILE")]
+    record_profile: Option<PathBuf>,
+    #[command(flatten)]
+    reg: RegistryArgs,
+}
+
+#[derive(Args)]
+pub struct StoreArgs {
+    /// Node store: verified chunks shared by every mount [default: /var/lib/tessera/chunks
+    /// as root, else $XDG_CACHE_HOME/tessera/chunks].
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Keep the node store under SIZE (e.g. 20G), evicting least recently used chunks
+    /// that no mounted image uses.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    quota: Option<u64>,
+    /// A read-only directory with the node store's layout (e.g. on NFS), consulted
+    /// before the network.
+    #[arg(long, value_name = "DIR")]
+    shared_store: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn open(&self) -> Result<NodeStore> {
+        let dir = self.store.clone().unwrap_or_else(crate::default_node_store);
+        NodeStore::open_with(
+            &dir,
+            StoreOptions {
+                quota: self.quota,
+                shared: self.shared_store.clone(),
+            },
+        )
+        .with_context(|| format!("opening the node store {}", dir.display()))
+    }
+}
+
+#[derive(Subcommand)]
+pub enum CacheCmd {
+    /// Chunks, bytes, what mounted images pin, and every live mount with its counters.
+    Stats {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evict least recently used chunks that no mounted image uses, down to --max-size.
+    Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Keep at most SIZE (default 0: remove every chunk no mounted image uses).
+        #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_size)]
+        max_size: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every chunk and remove the ones that do not match their id.
+    Verify {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `20G`, `512M`, `64K`, `1000` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match s[i..].to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1u64 << 40,
+                other => return Err(format!("unknown size unit {other:?} (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 20G)"))?;
+    if !(0.0..1.8e19).contains(&n) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+/// One image being served.
+struct Job {
+    reference: String,
+    dir: PathBuf,
+    fetcher: Arc<Fetcher>,
+    pin: PathBuf,
+    info: MountInfo,
+}
+
+pub fn mount(a: &MountArgs) -> Result<i32> {
+    if !a.targets.len().is_multiple_of(2) {
+        bail!("give REF DIR pairs: {} arguments is odd", a.targets.len());
+    }
+    let store = Arc::new(a.store.open()?);
+    let opts = FetchOptions {
+        max_wait: Duration::from_secs(a.fetch_timeout),
+        readahead: a.readahead,
+        workers: a.fetch_workers,
+        ..FetchOptions::default()
+    };
+    let profile = match &a.prefetch_profile {
+        Some(p) => {
+            std::fs::read(p).with_context(|| format!("reading the profile {}", p.display()))?
+        }
+        None => Vec::new(),
+    };
+    let mut handles = Vec::new();
+    let mut jobs = Vec::new();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<String>>();
+    for (n, pair) in a.targets.chunks(2).enumerate() {
+        let (reference, dir) = (pair[0].clone(), PathBuf::from(&pair[1]));
+        let (source, img) = crate::open_image(&reference, &a.reg)?;
+        let img = Arc::new(img);
+        let fetcher = Fetcher::start(img.clone(), source, store.clone(), opts.clone());
+        let mut fs = ImageFs::new(fetcher.clone(), img.clone(), a.readahead);
+        if let Some(p) = &a.record_profile {
+            // One profile per mount: the second image's goes to FILE.1, and so on.
+            let p = if n == 0 {
+                p.clone()
+            } else {
+                p.with_extension(format!("{n}"))
+            };
+            fs.record_profile(&p)?;
+        }
+        if a.prefetch || !profile.is_empty() {
+            let queued = fs.prefetch(&profile, a.prefetch);
+            tracing::info!(image = %reference, chunks = queued, "prefetch queued");
+        }
+        let ids: Vec<_> = img.index.chunks.iter().map(|c| c.id).collect();
+        let info = MountInfo {
+            pid: std::process::id(),
+            reference: reference.clone(),
+            manifest: img.manifest_desc.digest.clone(),
+            dir: dir.display().to_string(),
+            chunks: ids.len() as u64,
+            counters: serde_json::Value::Null,
+        };
+        let pin = store
+            .pin(&ids, &info)
+            .context("registering the mount in the node store")?;
+        let writable = if a.writable {
+            let base = match &a.upper {
+                Some(u) if n == 0 => u.clone(),
+                Some(u) => u.join(format!("{n}")),
+                None => PathBuf::from("/var/lib/tessera/overlays")
+                    .join(format!("{}-{n}", std::process::id())),
+            };
+            Some(Writable { base })
+        } else {
+            None
+        };
+        let tx = ready_tx.clone();
+        let (r2, d2) = (reference.clone(), dir.clone());
+        let threads = a.threads;
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("tessera-mount-{n}"))
+                .spawn(move || {
+                    let ready_tx = tx.clone();
+                    let line = format!("mounted {r2} at {}", d2.display());
+                    let r = tessera_mount::serve(fs, &d2, threads, writable.as_ref(), move || {
+                        let _ = ready_tx.send(Ok(line));
+                    });
+                    if let Err(e) = &r {
+                        let _ = tx.send(Err(anyhow::anyhow!("{e}")));
+                    }
+                    r
+                })
+                .context("starting a mount thread")?,
+        );
+        jobs.push(Job {
+            reference,
+            dir,
+            fetcher,
+            pin,
+            info,
+        });
+    }
+    drop(ready_tx);
+    let mut failed = None;
+    for _ in 0..jobs.len() {
+        match ready_rx.recv() {
+            Ok(Ok(line)) => {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+            Ok(Err(e)) => {
+                failed = Some(e);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    if let Some(e) = failed {
+        for j in &jobs {
+            let _ = tessera_mount::unmount(&j.dir);
+        }
+        finish(&store, &jobs);
+        return Err(e).context("mounting");
+    }
+    // Publish counters beside the pins while the mounts live.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (store, done) = (store.clone(), done.clone());
+        let list: Vec<_> = jobs
+            .iter()
+            .map(|j| (j.pin.clone(), j.info.clone(), j.fetcher.clone()))
+            .collect();
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for (pin, info, f) in &list {
+                    let mut info = info.clone();
+                    info.counters = f.stats.to_json();
+                    let _ = store.publish(pin, &info);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let mut errors = Vec::new();
+    for (h, j) in handles.into_iter().zip(&jobs) {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(format!("{}: {e}", j.reference)),
+            Err(_) => errors.push(format!("{}: the mount thread panicked", j.reference)),
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = publisher.join();
+    finish(&store, &jobs);
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    Ok(0)
+}
+
+fn finish(store: &NodeStore, jobs: &[Job]) {
+    for j in jobs {
+        j.fetcher.close();
+        tracing::info!(image = %j.reference, dir = %j.dir.display(), counters = %j.fetcher.stats.to_json(), "unmounted");
+        store.unpin(&j.pin);
+    }
+}
+
+pub fn umount(dir: &Path) -> Result<i32> {
+    tessera_mount::unmount(dir)?;
+    Ok(0)
+}
+
+fn gib(n: u64) -> String {
+    format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64)
+}
+
+pub fn cache(cmd: &CacheCmd) -> Result<i32> {
+    match cmd {
+        CacheCmd::Stats { store, json } => {
+            let s = store.open()?.stats().context("reading the node store")?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("node store   {}", s.dir);
+                println!("chunks       {} ({})", s.chunks, gib(s.bytes));
+                println!(
+                    "pinned       {} ({}) by {} mount(s)",
+                    s.pinned_chunks,
+                    gib(s.pinned_bytes),
+                    s.mounts.len()
+                );
+                for m in &s.mounts {
+                    println!(
+                        "  pid {:>7}  {}  at {}  fetched {}  verification failures {}",
+                        m.pid,
+                        m.reference,
+                        m.dir,
+                        m.counters["bytes_fetched"],
+                        m.counters["verification_failures"]
+                    );
+                }
+                if s.stale_pins > 0 || s.temp_files > 0 {
+                    println!(
+                        "leftovers    {} stale pin(s), {} temp file(s) (tessera cache gc removes them)",
+                        s.stale_pins, s.temp_files
+                    );
+                }
+            }
+        }
+        CacheCmd::Gc {
+            store,
+            max_size,
+            json,
+        } => {
+            let r = store.open()?.gc(*max_size).context("collecting garbage")?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "removed {} chunk(s) ({}), kept {} ({}), {} of them used by mounted images",
+                    r.removed_chunks,
+                    gib(r.removed_bytes),
+                    r.kept_chunks,
+                    gib(r.kept_bytes),
+                    r.pinned_kept
+                );
+            }
+        }
+        CacheCmd::Verify { store, json } => {
+            let s = store.open()?;
+            let bar = if std::io::stderr().is_terminal() && !*json {
+                ProgressBar::new(0)
+            } else {
+                ProgressBar::hidden()
+            };
+            bar.set_style(
+                ProgressStyle::with_template("verifying {bar:40} {pos}/{len} chunks {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            let r = s
+                .verify(&|n, total| {
+                    bar.set_length(total);
+                    bar.set_position(n);
+                })
+                .context("verifying the node store")?;
+            bar.finish_and_clear();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "checked {} chunk(s) ({}): {} corrupt, {} misplaced, removed",
+                    r.checked,
+                    gib(r.bytes),
+                    r.corrupt_removed.len(),
+                    r.misplaced_removed.len()
+                );
+            }
+            if !r.corrupt_removed.is_empty() || !r.misplaced_removed.is_empty() {
+                return Ok(1);
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("4M"), Ok(4 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("lots").is_err());
+    }
+}
