@@ -273,7 +273,7 @@ pub fn mount(a: &MountArgs) -> Result<i32> {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 for (pin, info, f) in &list {
                     let mut info = info.clone();
-                    info.counters = f.stats.to_json();
+                    info.counters = f.counters_json();
                     let _ = store.publish(pin, &info);
                 }
                 std::thread::sleep(Duration::from_millis(500));

@@ -1,8 +1,11 @@
 //! `tessera mount` end to end, as root with /dev/fuse: a walk of the mount equals
 //! `tessera unpack` of the same image for every corpus image; content is fetched lazily
 //! from a registry into the node store; corrupt store chunks are refetched; a registry
-//! going away fails reads with EIO while the mount stays up; a dead daemon's mount is
-//! cleaned up by `tessera umount`.
+//! going away fails reads with EIO while the mount stays up, and reads recover when it
+//! returns; a dead daemon's mount is cleaned up by `tessera umount`; a writable mount
+//! runs `import pandas` in a chroot; one fetch per chunk under concurrent readers; a
+//! corrupt pack fails reads, is counted and never cached; quota, pins, gc, verify and the
+//! shared tier; read profiles and prefetch; several mounts in one daemon.
 
 mod common;
 
@@ -41,12 +44,17 @@ struct Mounted {
 
 impl Mounted {
     fn start(reference: &str, dir: &Path, store: &Path) -> Mounted {
+        Mounted::start_with(reference, dir, store, &[])
+    }
+
+    fn start_with(reference: &str, dir: &Path, store: &Path, extra: &[&str]) -> Mounted {
         std::fs::create_dir_all(dir).unwrap();
         let mut child = tessera()
             .args(["mount", reference])
             .arg(dir)
             .arg("--store")
             .arg(store)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -153,13 +161,24 @@ fn a_walk_of_the_mount_equals_unpack_for_every_corpus_image() {
     }
 }
 
+/// Chunk files in a node store (`<2 hex>/<64 hex>`).
+fn chunk_paths(store: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(store).unwrap().flatten() {
+        if e.file_name().len() == 2 && e.path().is_dir() {
+            out.extend(
+                std::fs::read_dir(e.path())
+                    .unwrap()
+                    .flatten()
+                    .map(|f| f.path()),
+            );
+        }
+    }
+    out
+}
+
 fn chunk_files(store: &Path) -> usize {
-    std::fs::read_dir(store)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name() != "tmp" && e.path().is_dir())
-        .map(|e| std::fs::read_dir(e.path()).unwrap().count())
-        .sum()
+    chunk_paths(store).len()
 }
 
 #[test]
@@ -196,16 +215,11 @@ fn lazy_from_a_registry_verified_and_failing_cleanly() {
     assert!(bash == std::fs::read(unpacked.join("usr/bin/bash")).unwrap());
 
     // A corrupt chunk in the node store is never served: it is dropped and refetched.
-    for sub in std::fs::read_dir(&store).unwrap().flatten() {
-        if sub.file_name() == "tmp" || !sub.path().is_dir() {
-            continue;
-        }
-        for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
-            std::fs::write(f.path(), b"garbage").unwrap();
-        }
+    for f in chunk_paths(&store) {
+        std::fs::write(f, b"garbage").unwrap();
     }
     m.umount();
-    let mut m = Mounted::start(&r, &mnt, &store);
+    let mut m = Mounted::start_with(&r, &mnt, &store, &["--fetch-timeout", "2"]);
     assert!(std::fs::read(mnt.join("usr/bin/bash")).unwrap() == bash);
 
     // The registry goes away: a read of content not in the store fails with EIO, the
@@ -227,4 +241,541 @@ fn lazy_from_a_registry_verified_and_failing_cleanly() {
         0,
         "mount point not cleaned up"
     );
+}
+
+/// A TCP forwarder that can be closed (connections are refused and live ones cut) and
+/// opened again: a registry outage without losing the registry's port.
+struct Gate {
+    addr: String,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Gate {
+    fn start(upstream: &str) -> Gate {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (o, g, up) = (open.clone(), generation.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(client) = conn else { continue };
+                if !o.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&up) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let born = g.load(Ordering::SeqCst);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let g = g.clone();
+                    std::thread::spawn(move || {
+                        use std::io::Write;
+                        from.set_read_timeout(Some(Duration::from_millis(50)))
+                            .unwrap();
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            if g.load(Ordering::SeqCst) != born {
+                                break;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Gate {
+            addr,
+            open,
+            generation,
+        }
+    }
+
+    fn close(&self) {
+        use std::sync::atomic::Ordering;
+        self.open.store(false, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn reopen(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn cache_json(sub: &str, store: &Path, extra: &[&str]) -> (serde_json::Value, i32) {
+    let out = tessera()
+        .args(["cache", sub, "--json", "--store"])
+        .arg(store)
+        .args(extra)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "tessera cache {sub}: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (v, out.status.code().unwrap_or(-1))
+}
+
+/// The counters a mount publishes in its node store (its pid's entry).
+fn counters(store: &Path, pid: u32) -> serde_json::Value {
+    // Published every half second.
+    std::thread::sleep(Duration::from_millis(700));
+    let (v, _) = cache_json("stats", store, &[]);
+    v["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["pid"] == pid)
+        .unwrap_or_else(|| panic!("mount {pid} not listed: {v}"))["counters"]
+        .clone()
+}
+
+fn corpus_archive(name: &str) -> String {
+    format!(
+        "docker-archive:{}",
+        corpus()
+            .join(format!("docker-archive/{name}.tar"))
+            .display()
+    )
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let dir = dir.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(dir.as_str()))
+}
+
+#[test]
+fn writable_root_runs_python_and_leaves_the_image_untouched() {
+    require_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let s = TesseraServe::start();
+    let r = format!("{}/app/pandas:a", s.addr);
+    run_ok(tessera().args(["convert", "--no-cache", &corpus_archive("app-pandas-a"), &r]));
+    let (store, mnt, ov) = (
+        work.path().join("store"),
+        work.path().join("root"),
+        work.path().join("ov"),
+    );
+    let ov_s = ov.to_string_lossy().to_string();
+    let mut m = Mounted::start_with(&r, &mnt, &store, &["--writable", "--upper", &ov_s]);
+    let out = std::process::Command::new("chroot")
+        .arg(&mnt)
+        .args([
+            "python3",
+            "-c",
+            "import pandas; print(pandas.DataFrame({'a': [1, 2]}).a.sum())",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "3",
+        "python in the chroot failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Writes, deletes (whiteouts) and new directories land in the upper layer only.
+    std::fs::write(mnt.join("root/hello.txt"), b"hello").unwrap();
+    std::fs::remove_file(mnt.join("etc/os-release")).unwrap();
+    std::fs::create_dir(mnt.join("srv/new")).unwrap();
+    assert!(!mnt.join("etc/os-release").exists());
+    assert_eq!(
+        std::fs::read(ov.join("upper/root/hello.txt")).unwrap(),
+        b"hello"
+    );
+    use std::os::unix::fs::FileTypeExt;
+    let wh = std::fs::symlink_metadata(ov.join("upper/etc/os-release")).unwrap();
+    assert!(
+        wh.file_type().is_char_device(),
+        "no whiteout for a deleted file"
+    );
+    // The image itself is untouched and read-only.
+    let lower = ov.join("lower");
+    assert!(lower.join("etc/os-release").exists());
+    assert!(!lower.join("root/hello.txt").exists());
+    let err = std::fs::write(lower.join("etc/x"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(30), "lower writable: {err}");
+    // umount takes down the overlay and the image under it; the changes stay.
+    m.umount();
+    assert!(
+        !is_mounted(&mnt) && !is_mounted(&lower),
+        "mounts left behind"
+    );
+    let _m = Mounted::start_with(&r, &mnt, &store, &["--writable", "--upper", &ov_s]);
+    assert_eq!(std::fs::read(mnt.join("root/hello.txt")).unwrap(), b"hello");
+    assert!(!mnt.join("etc/os-release").exists());
+    assert!(mnt.join("etc/passwd").exists());
+}
+
+#[test]
+fn one_fetch_per_chunk_under_concurrent_readers_and_recovery_after_an_outage() {
+    require_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let s = TesseraServe::start();
+    run_ok(tessera().args([
+        "convert",
+        "--no-cache",
+        &corpus_archive("debian-base"),
+        &format!("{}/lib/deb:t", s.addr),
+    ]));
+    let unpacked = work.path().join("unpacked");
+    run_ok(
+        tessera()
+            .args(["unpack", &format!("{}/lib/deb:t", s.addr)])
+            .arg(&unpacked),
+    );
+    let gate = Gate::start(&s.addr);
+    let r = format!("{}/lib/deb:t", gate.addr);
+    let (store, mnt) = (work.path().join("store"), work.path().join("mnt"));
+    let m = Mounted::start_with(&r, &mnt, &store, &["--fetch-timeout", "30"]);
+
+    // 8 readers, each reading the same files 4 KiB at a time in its own order.
+    let files = ["usr/bin/perl", "usr/bin/bash", "usr/bin/apt-get"];
+    std::thread::scope(|sc| {
+        for t in 0..8u64 {
+            let mnt = &mnt;
+            let unpacked = &unpacked;
+            sc.spawn(move || {
+                use std::os::unix::fs::FileExt;
+                for f in files {
+                    let want = std::fs::read(unpacked.join(f)).unwrap();
+                    let fh = std::fs::File::open(mnt.join(f)).unwrap();
+                    let pages = want.len().div_ceil(4096) as u64;
+                    let mut got = vec![0u8; want.len()];
+                    for k in 0..pages {
+                        // Every page once: a rotation, backwards for odd readers.
+                        let k = if t % 2 == 1 { pages - 1 - k } else { k };
+                        let p = (k + t * pages / 8) % pages;
+                        let off = (p * 4096) as usize;
+                        let end = (off + 4096).min(want.len());
+                        fh.read_exact_at(&mut got[off..end], off as u64).unwrap();
+                    }
+                    assert!(got == want, "{f} differs");
+                }
+            });
+        }
+    });
+    let c = counters(&store, m.child.id());
+    assert_eq!(
+        c["chunks_fetched"].as_u64().unwrap(),
+        chunk_files(&store) as u64,
+        "a chunk was fetched more than once: {c}"
+    );
+    assert!(
+        c["verification_failures"] == 0 && c["fetch_errors"] == 0,
+        "{c}"
+    );
+
+    // The registry goes away; a read waits (retrying) and completes once it is back.
+    gate.close();
+    let reader = {
+        let p = mnt.join("usr/lib/x86_64-linux-gnu/libc.so.6");
+        std::thread::spawn(move || std::fs::read(p))
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !reader.is_finished(),
+        "the read did not wait for the registry"
+    );
+    gate.reopen();
+    let got = reader.join().unwrap().expect("read after the outage");
+    assert!(got == std::fs::read(unpacked.join("usr/lib/x86_64-linux-gnu/libc.so.6")).unwrap());
+    let c = counters(&store, m.child.id());
+    assert!(c["retries"].as_u64().unwrap() > 0, "{c}");
+}
+
+#[test]
+fn a_corrupt_pack_fails_reads_is_counted_and_never_cached() {
+    require_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    let r = format!("oci:{}:deb", layout.display());
+    run_ok(tessera().args(["convert", "--no-cache", &corpus_archive("debian-base"), &r]));
+    // Rot in the middle of every pack blob.
+    let inspect = run_ok(tessera().args(["inspect", "--json", &r]));
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let mut packs = 0;
+    for l in v["packs"].as_array().unwrap() {
+        {
+            let d = l["digest"].as_str().unwrap().trim_start_matches("sha256:");
+            let p = layout.join("blobs/sha256").join(d);
+            let mut b = std::fs::read(&p).unwrap();
+            let mid = b.len() / 2;
+            for x in &mut b[mid..mid + 64] {
+                *x ^= 0x5a;
+            }
+            std::fs::write(&p, b).unwrap();
+            packs += 1;
+        }
+    }
+    assert!(packs > 0, "no pack layers in {inspect}");
+    let (store, mnt) = (work.path().join("store"), work.path().join("mnt"));
+    let m = Mounted::start_with(&r, &mnt, &store, &["--readahead", "0"]);
+    let (mut ok, mut eio) = (0, 0);
+    let mut stack = vec![mnt.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                match std::fs::read(e.path()) {
+                    Ok(_) => ok += 1,
+                    Err(e) => {
+                        assert_eq!(e.raw_os_error(), Some(5), "{e}");
+                        eio += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(eio > 0 && ok > 1000, "ok {ok}, EIO {eio}");
+    let c = counters(&store, m.child.id());
+    assert!(c["verification_failures"].as_u64().unwrap() > 0, "{c}");
+    // Nothing corrupt reached the node store.
+    let (v, code) = cache_json("verify", &store, &[]);
+    assert_eq!(code, 0, "{v}");
+    assert!(v["checked"].as_u64().unwrap() > 1000, "{v}");
+}
+
+#[test]
+fn node_store_quota_pins_gc_verify_and_shared_tier() {
+    require_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let mut s = TesseraServe::start();
+    let (ra, rb) = (
+        format!("{}/q/base:t", s.addr),
+        format!("{}/q/python:t", s.addr),
+    );
+    run_ok(tessera().args(["convert", "--no-cache", &corpus_archive("debian-base"), &ra]));
+    run_ok(tessera().args([
+        "convert",
+        "--no-cache",
+        &corpus_archive("debian-python"),
+        &rb,
+    ]));
+    let store = work.path().join("store");
+    // Fill the store with another image's chunks, then unmount it.
+    let mut b = Mounted::start(&rb, &work.path().join("b"), &store);
+    let mut stack = vec![b.dir.join("usr/lib/python3.11")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                std::fs::read(e.path()).unwrap();
+            }
+        }
+    }
+    b.umount();
+    let (st, _) = cache_json("stats", &store, &[]);
+    assert!(st["bytes"].as_u64().unwrap() > 20 << 20, "{st}");
+    // A mount with a quota reads a whole image: what the mounted image uses stays, the
+    // rest is evicted least recently used first.
+    let unpacked = work.path().join("unpacked");
+    run_ok(tessera().args(["unpack", &ra]).arg(&unpacked));
+    let a = Mounted::start_with(&ra, &work.path().join("a"), &store, &["--quota", "10M"]);
+    same_tree(&unpacked, &a.dir);
+    let c = counters(&store, a.child.id());
+    let _ = c;
+    let (st, _) = cache_json("stats", &store, &[]);
+    assert_eq!(st["mounts"].as_array().unwrap().len(), 1, "{st}");
+    assert!(
+        st["pinned_bytes"].as_u64().unwrap() > 10 << 20,
+        "the mounted image's chunks were evicted: {st}"
+    );
+    assert!(
+        st["bytes"].as_u64().unwrap() - st["pinned_bytes"].as_u64().unwrap() < 10 << 20,
+        "unpinned chunks beyond the quota were kept: {st}"
+    );
+    // gc while mounted removes nothing the mount uses.
+    let (g, _) = cache_json("gc", &store, &["--max-size", "0"]);
+    assert_eq!(
+        g["kept_chunks"], g["pinned_kept"],
+        "gc kept unpinned or dropped pinned chunks: {g}"
+    );
+    assert!(
+        std::fs::read(a.dir.join("usr/bin/bash")).unwrap()
+            == std::fs::read(unpacked.join("usr/bin/bash")).unwrap()
+    );
+
+    // A second node reads through this store as its shared tier: no network needed.
+    let store2 = work.path().join("store2");
+    let shared = store.to_string_lossy().to_string();
+    let n2 = Mounted::start_with(
+        &ra,
+        &work.path().join("n2"),
+        &store2,
+        &["--shared-store", &shared, "--fetch-timeout", "1"],
+    );
+    s.kill9();
+    assert!(
+        std::fs::read(n2.dir.join("usr/bin/perl")).unwrap()
+            == std::fs::read(unpacked.join("usr/bin/perl")).unwrap()
+    );
+    assert_eq!(chunk_files(&store2), 0, "the shared tier was copied");
+    drop(n2);
+
+    // verify finds and removes a corrupt chunk; exit code 1 says so.
+    let victim = chunk_paths(&store).pop().unwrap();
+    std::fs::write(&victim, b"rot").unwrap();
+    let (v, code) = cache_json("verify", &store, &[]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["corrupt_removed"].as_array().unwrap().len(), 1, "{v}");
+    assert!(!victim.exists());
+
+    // Unmounted, nothing is pinned: gc empties the store.
+    let mut a = a;
+    a.umount();
+    let (g, code) = cache_json("gc", &store, &["--max-size", "0"]);
+    assert_eq!(code, 0);
+    assert_eq!(g["kept_chunks"], 0, "{g}");
+    assert_eq!(chunk_files(&store), 0);
+}
+
+#[test]
+fn read_profiles_prefetch_and_several_mounts_in_one_daemon() {
+    require_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let mut s = TesseraServe::start();
+    let (r1, r2) = (
+        format!("{}/p/base:t", s.addr),
+        format!("{}/p/python:t", s.addr),
+    );
+    run_ok(tessera().args(["convert", "--no-cache", &corpus_archive("debian-base"), &r1]));
+    run_ok(tessera().args([
+        "convert",
+        "--no-cache",
+        &corpus_archive("debian-python"),
+        &r2,
+    ]));
+    let unpacked = work.path().join("unpacked");
+    run_ok(tessera().args(["unpack", &r1]).arg(&unpacked));
+
+    // One daemon, two mounts, recording what is read.
+    let (d1, d2) = (work.path().join("d1"), work.path().join("d2"));
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let profile = work.path().join("base.profile");
+    let mut child = tessera()
+        .args(["mount", &r1])
+        .arg(&d1)
+        .arg(&r2)
+        .arg(&d2)
+        .arg("--store")
+        .arg(work.path().join("store"))
+        .arg("--record-profile")
+        .arg(&profile)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..2 {
+        let l = lines.next().unwrap().unwrap();
+        assert!(l.starts_with("mounted "), "{l}");
+    }
+    let read = ["usr/bin/bash", "etc/passwd", "usr/bin/perl"];
+    for f in read {
+        std::fs::read(d1.join(f)).unwrap();
+    }
+    std::fs::read(d2.join("usr/bin/python3.11")).unwrap();
+    run_ok(tessera().arg("umount").arg(&d1));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "daemon exited with a mount left"
+    );
+    assert!(std::fs::read(d2.join("etc/hostname")).is_ok() || d2.join("etc").exists());
+    run_ok(tessera().arg("umount").arg(&d2));
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "daemon did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let recorded = std::fs::read_to_string(&profile).unwrap();
+    assert_eq!(recorded.lines().collect::<Vec<_>>(), read, "{recorded}");
+    let second = std::fs::read_to_string(profile.with_extension("1")).unwrap();
+    assert!(second.contains("usr/bin/python3.11"), "{second}");
+
+    // --prefetch: the whole image lands in the store with nothing read.
+    let whole = work.path().join("whole");
+    let m = Mounted::start_with(&r1, &work.path().join("w"), &whole, &["--prefetch"]);
+    let total = {
+        let (st, _) = cache_json("stats", &whole, &[]);
+        st["mounts"][0]["chunks"].as_u64().unwrap() as usize
+    };
+    let start = Instant::now();
+    while chunk_files(&whole) < total {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "prefetch stalled at {} of {total} chunks",
+            chunk_files(&whole)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(m);
+
+    // --prefetch-profile: the profiled files are fetched before anyone reads them.
+    let cold = work.path().join("cold");
+    let pf = profile.to_string_lossy().to_string();
+    let m = Mounted::start_with(
+        &r1,
+        &work.path().join("m"),
+        &cold,
+        &["--prefetch-profile", &pf, "--fetch-timeout", "1"],
+    );
+    let start = Instant::now();
+    loop {
+        let c = counters(&cold, m.child.id());
+        if c["prefetched_chunks"].as_u64().unwrap() > 0
+            && chunk_files(&cold) as u64 >= c["prefetched_chunks"].as_u64().unwrap()
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "profile prefetch stalled: {c}"
+        );
+    }
+    s.kill9();
+    for f in read {
+        assert!(
+            std::fs::read(m.dir.join(f)).unwrap() == std::fs::read(unpacked.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let err = std::fs::read(m.dir.join("usr/bin/apt-get")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "{err}");
 }

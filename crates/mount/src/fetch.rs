@@ -128,6 +128,8 @@ pub struct Fetcher {
     recent: Mutex<VecDeque<(u32, Arc<[u8]>)>>,
     queue: Mutex<Queue>,
     queued: Condvar,
+    /// Workers between taking a job and finishing it.
+    busy: std::sync::atomic::AtomicUsize,
     pub stats: FetchStats,
 }
 
@@ -159,6 +161,7 @@ impl Fetcher {
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             queue: Mutex::new(Queue::default()),
             queued: Condvar::new(),
+            busy: std::sync::atomic::AtomicUsize::new(0),
             stats: FetchStats::default(),
         });
         {
@@ -282,6 +285,19 @@ impl Fetcher {
         q.high.len() + q.low.len()
     }
 
+    /// Counters, plus whether all fetching and caching work is done (`idle`).
+    pub fn counters_json(&self) -> serde_json::Value {
+        let mut v = self.stats.to_json();
+        let queued = self.queued_jobs() + self.busy.load(Ordering::SeqCst);
+        let flights = self.flights.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner()).len();
+        v["queued_jobs"] = queued.into();
+        v["chunks_in_flight"] = flights.into();
+        v["chunks_being_cached"] = pending.into();
+        v["idle"] = (queued == 0 && flights == 0 && pending == 0).into();
+        v
+    }
+
     fn worker(self: Arc<Self>, takes_low: bool) {
         loop {
             let job = {
@@ -291,10 +307,12 @@ impl Fetcher {
                         return;
                     }
                     if let Some(j) = q.high.pop_front() {
+                        self.busy.fetch_add(1, Ordering::SeqCst);
                         break (j, Priority::High);
                     }
                     if takes_low {
                         if let Some(j) = q.low.pop_front() {
+                            self.busy.fetch_add(1, Ordering::SeqCst);
                             break (j, Priority::Low);
                         }
                     }
@@ -321,6 +339,7 @@ impl Fetcher {
                     .fetch_add(lead.len() as u64, Ordering::Relaxed);
             }
             let _ = self.fetch(&lead);
+            self.busy.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
