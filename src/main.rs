@@ -280,6 +280,9 @@ fn init_logging(cli: &Cli) {
         1 => "info",
         _ => "debug",
     };
+    // fuser warns when its own unmount finds the mount already gone, which is how
+    // `tessera umount` ends every mount.
+    let default = format!("{default},fuser::session=error");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let b = tracing_subscriber::fmt()

@@ -779,3 +779,145 @@ fn read_profiles_prefetch_and_several_mounts_in_one_daemon() {
     let err = std::fs::read(m.dir.join("usr/bin/apt-get")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(5), "{err}");
 }
+
+/// A bearer-token front for a registry whose tokens expire after `ttl`: requests without
+/// a live token get a 401 challenge pointing at its own `/token` endpoint.
+struct TokenFront {
+    addr: String,
+    tokens_issued: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    rejected: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl TokenFront {
+    fn start(upstream: &str, ttl: Duration) -> TokenFront {
+        use axum::body::Body;
+        use axum::http::{Request, Response, StatusCode};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let issued = Arc::new(AtomicU64::new(0));
+        let rejected = Arc::new(AtomicU64::new(0));
+        let epoch = Instant::now();
+        let (up, me, iss, rej) = (
+            upstream.to_string(),
+            addr.clone(),
+            issued.clone(),
+            rejected.clone(),
+        );
+        let client = reqwest::Client::new();
+        let app = axum::Router::new().fallback(move |req: Request<Body>| {
+            let (up, me, iss, rej, client) = (
+                up.clone(),
+                me.clone(),
+                iss.clone(),
+                rej.clone(),
+                client.clone(),
+            );
+            async move {
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default();
+                if path.starts_with("/token") {
+                    iss.fetch_add(1, Ordering::SeqCst);
+                    // The token names the millisecond it was issued at.
+                    let tok = format!("t{}", epoch.elapsed().as_millis());
+                    return Response::new(Body::from(format!("{{\"token\":\"{tok}\"}}")));
+                }
+                let live = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer t"))
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                    .is_some_and(|ms| {
+                        epoch.elapsed().as_millis() as u64 - ms < ttl.as_millis() as u64
+                    });
+                if !live {
+                    rej.fetch_add(1, Ordering::SeqCst);
+                    return Response::builder()
+                        .status(StatusCode::UNAUTHORIZED)
+                        .header(
+                            "www-authenticate",
+                            format!("Bearer realm=\"http://{me}/token\",service=\"front\""),
+                        )
+                        .body(Body::empty())
+                        .unwrap();
+                }
+                let mut fwd = client.request(req.method().clone(), format!("http://{up}{path}"));
+                for h in ["range", "accept"] {
+                    if let Some(v) = req.headers().get(h) {
+                        fwd = fwd.header(h, v.as_bytes());
+                    }
+                }
+                let resp = fwd.send().await.unwrap();
+                let mut out = Response::builder().status(resp.status().as_u16());
+                for (k, v) in resp.headers() {
+                    out = out.header(k.as_str(), v.as_bytes());
+                }
+                out.body(Body::from(resp.bytes().await.unwrap())).unwrap()
+            }
+        });
+        rt.spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        TokenFront {
+            addr,
+            tokens_issued: issued,
+            rejected,
+            _rt: rt,
+        }
+    }
+}
+
+#[test]
+fn expired_registry_tokens_are_refreshed_mid_mount() {
+    require_fuse();
+    use std::sync::atomic::Ordering;
+    let work = tempfile::tempdir().unwrap();
+    let s = TesseraServe::start();
+    run_ok(tessera().args([
+        "convert",
+        "--no-cache",
+        &corpus_archive("debian-base"),
+        &format!("{}/tok/deb:t", s.addr),
+    ]));
+    let unpacked = work.path().join("unpacked");
+    run_ok(
+        tessera()
+            .args(["unpack", &format!("{}/tok/deb:t", s.addr)])
+            .arg(&unpacked),
+    );
+    let front = TokenFront::start(&s.addr, Duration::from_secs(2));
+    let r = format!("{}/tok/deb:t", front.addr);
+    let m = Mounted::start_with(
+        &r,
+        &work.path().join("mnt"),
+        &work.path().join("store"),
+        &["--fetch-timeout", "5"],
+    );
+    let first = front.tokens_issued.load(Ordering::SeqCst);
+    assert!(first >= 1, "the mount never asked for a token");
+    let f = "usr/bin/bash";
+    assert!(std::fs::read(m.dir.join(f)).unwrap() == std::fs::read(unpacked.join(f)).unwrap());
+    // The token expires; the next fetch is refused once, gets a new token and goes on.
+    std::thread::sleep(Duration::from_millis(2500));
+    let rejected = front.rejected.load(Ordering::SeqCst);
+    let f = "usr/bin/perl";
+    assert!(std::fs::read(m.dir.join(f)).unwrap() == std::fs::read(unpacked.join(f)).unwrap());
+    assert!(
+        front.tokens_issued.load(Ordering::SeqCst) > first
+            && front.rejected.load(Ordering::SeqCst) > rejected,
+        "no token refresh happened"
+    );
+}
