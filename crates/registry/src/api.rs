@@ -724,14 +724,7 @@ async fn patch_upload(
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let _writing = match reg.lock_session(&id) {
-        Ok(g) => g,
-        Err(e) => {
-            // Read the refused body so the client sees the reply, not a broken pipe.
-            drain(body.into_data_stream()).await;
-            return Err(e);
-        }
-    };
+    let (_writing, body) = lock_or_drain(&reg, &id, body).await?;
     let size = session(&reg, &repo, &id).await?;
     let range = match content_range(headers) {
         Ok(r) => r,
@@ -766,14 +759,7 @@ async fn put_upload(
     query: &[(String, String)],
     body: Body,
 ) -> ApiResult {
-    let _writing = match reg.lock_session(&id) {
-        Ok(g) => g,
-        Err(e) => {
-            // Read the refused body so the client sees the reply, not a broken pipe.
-            drain(body.into_data_stream()).await;
-            return Err(e);
-        }
-    };
+    let (_writing, body) = lock_or_drain(&reg, &id, body).await?;
     let size = session(&reg, &repo, &id).await?;
     let d = match q(query, "digest") {
         Some(d) => parse_digest(d)?,
@@ -861,6 +847,22 @@ async fn finish_upload(reg: &Shared, repo: &str, id: &str, d: &BlobDigest) -> Ap
 async fn upload_status(reg: Shared, repo: String, id: String) -> ApiResult {
     let size = session(&reg, &repo, &id).await?;
     Ok(session_reply(StatusCode::NO_CONTENT, &repo, &id, size))
+}
+
+/// Take the session's writer lock; a refused request's body is read first, so the
+/// client sees the reply rather than a broken pipe.
+async fn lock_or_drain(
+    reg: &Shared,
+    id: &str,
+    body: Body,
+) -> Result<(crate::SessionGuard, Body), ApiError> {
+    match reg.lock_session(id) {
+        Ok(g) => Ok((g, body)),
+        Err(e) => {
+            drain(body.into_data_stream()).await;
+            Err(e)
+        }
+    }
 }
 
 async fn cancel_upload(reg: Shared, repo: String, id: String) -> ApiResult {
