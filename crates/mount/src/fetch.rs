@@ -27,6 +27,9 @@ use crate::store::NodeStore;
 /// the previous read also covered).
 const RECENT: usize = 32;
 
+/// Fetched chunks waiting for the node store writer, at most.
+const MAX_PENDING_BYTES: u64 = 16 << 20;
+
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
     /// How long a read may wait for its chunks (retries included) before it fails.
@@ -119,6 +122,7 @@ struct Queue {
 pub struct Fetcher {
     /// Verified chunks on their way into the node store (served from here meanwhile).
     pending: Mutex<HashMap<u32, Arc<[u8]>>>,
+    pending_bytes: AtomicU64,
     writer: Mutex<Option<std::sync::mpsc::Sender<u32>>>,
     image: Arc<TesseraImage>,
     source: Box<dyn Store>,
@@ -152,6 +156,7 @@ impl Fetcher {
         let (tx, rx) = std::sync::mpsc::channel::<u32>();
         let f = Arc::new(Fetcher {
             pending: Mutex::new(HashMap::new()),
+            pending_bytes: AtomicU64::new(0),
             writer: Mutex::new(Some(tx)),
             image,
             source,
@@ -217,7 +222,10 @@ impl Fetcher {
             }
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             for c in batch {
-                p.remove(&c);
+                if let Some(d) = p.remove(&c) {
+                    self.pending_bytes
+                        .fetch_sub(d.len() as u64, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -237,17 +245,39 @@ impl Fetcher {
     }
 
     fn persist(&self, c: u32, data: &Arc<[u8]>) {
+        // Memory bound: when the disk falls behind the network, fetchers wait for it
+        // (bounded; past that the chunk is served but not cached).
+        let start = Instant::now();
+        while self.pending_bytes.load(Ordering::Relaxed) > MAX_PENDING_BYTES {
+            if start.elapsed() > Duration::from_secs(10) {
+                tracing::warn!("node store writes are too slow; a chunk is not cached");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = w.as_ref() else { return };
-        self.pending
+        let fresh = self
+            .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(c, data.clone());
+            .insert(c, data.clone())
+            .is_none();
+        if !fresh {
+            return;
+        }
+        self.pending_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         if tx.send(c).is_err() {
-            self.pending
+            if let Some(d) = self
+                .pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&c);
+                .remove(&c)
+            {
+                self.pending_bytes
+                    .fetch_sub(d.len() as u64, Ordering::Relaxed);
+            }
         }
     }
 
