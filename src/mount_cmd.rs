@@ -38,17 +38,22 @@ pub struct MountArgs {
     /// Bytes fetched ahead of a sequential reader, in the background (0: off).
     #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
     readahead: u64,
+    /// A read that goes to the registry also fetches the chunks that follow in the same
+    /// pack (neighbouring files), up to SIZE (0: off).
+    #[arg(long, value_name = "SIZE", default_value = "128K", value_parser = parse_size)]
+    amplify: u64,
     /// Background fetch threads (readahead and prefetch).
     #[arg(long, value_name = "N", default_value_t = 4)]
     fetch_workers: usize,
     /// Fetch the whole image in the background, at low priority, after the profile.
     #[arg(long)]
     prefetch: bool,
-    /// Prefetch the files listed in FILE (one path per line, as written by
-    /// --record-profile) first, in that order.
+    /// Prefetch what FILE lists (as written by --record-profile; a line with only a
+    /// path means the whole file) first, in that order, on every fetch worker.
     #[arg(long, value_name = "FILE")]
     prefetch_profile: Option<PathBuf>,
-    /// Write the path of every file, in the order files are first read, to FILE.
+    /// Write what is read, in the order it is first read, to FILE (lines `K N PATH`:
+    /// chunks K..K+N of the file at PATH).
     #[arg(long, value_name = "FILE")]
     record_profile: Option<PathBuf>,
     #[command(flatten)]
@@ -158,6 +163,7 @@ pub fn mount(a: &MountArgs) -> Result<i32> {
         max_wait: Duration::from_secs(a.fetch_timeout),
         readahead: a.readahead,
         workers: a.fetch_workers,
+        amplify: a.amplify,
         ..FetchOptions::default()
     };
     let profile = match &a.prefetch_profile {

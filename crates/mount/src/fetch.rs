@@ -23,9 +23,17 @@ use tessera_oci::{OciError, Store};
 
 use crate::store::NodeStore;
 
-/// Recently used chunks kept in memory (a FUSE read often covers part of a chunk that
-/// the previous read also covered).
-const RECENT: usize = 32;
+/// Bytes of recently used or read-ahead chunks kept in memory (a FUSE read often covers
+/// part of a chunk the previous read also covered; readahead loads chunks here).
+const MEM_CACHE_BYTES: u64 = 16 << 20;
+
+/// Recently used chunks, oldest first out, bounded in bytes.
+#[derive(Default)]
+struct MemCache {
+    map: HashMap<u32, Arc<[u8]>>,
+    order: VecDeque<u32>,
+    bytes: u64,
+}
 
 /// Fetched chunks waiting for the node store writer, at most.
 const MAX_PENDING_BYTES: u64 = 16 << 20;
@@ -40,6 +48,9 @@ pub struct FetchOptions {
     pub workers: usize,
     /// Largest coalesced range request.
     pub max_range: u64,
+    /// A read that must go to the registry also fetches the chunks that follow in the
+    /// same pack (packs follow tree order: neighbouring files), up to this many bytes.
+    pub amplify: u64,
 }
 
 impl Default for FetchOptions {
@@ -49,6 +60,7 @@ impl Default for FetchOptions {
             readahead: 4 << 20,
             workers: 4,
             max_range: 4 << 20,
+            amplify: 128 << 10,
         }
     }
 }
@@ -106,15 +118,18 @@ struct Flight {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
-    /// Readahead: soon wanted by a reader.
+    /// Readahead: soon wanted by a reader (also loads node-store chunks into memory).
     High,
-    /// Prefetch: wanted some time.
+    /// A recorded profile: what the workload read last time, in that order.
+    Profile,
+    /// Prefetch of the whole image: wanted some time; one worker only.
     Low,
 }
 
 #[derive(Default)]
 struct Queue {
     high: VecDeque<Vec<u32>>,
+    profile: VecDeque<Vec<u32>>,
     low: VecDeque<Vec<u32>>,
     closed: bool,
 }
@@ -129,7 +144,10 @@ pub struct Fetcher {
     store: Arc<NodeStore>,
     opts: FetchOptions,
     flights: Mutex<HashMap<u32, Arc<Flight>>>,
-    recent: Mutex<VecDeque<(u32, Arc<[u8]>)>>,
+    recent: Mutex<MemCache>,
+    /// Chunk ids in pack order, and each chunk's position in it (for amplification).
+    pack_order: Vec<u32>,
+    pack_pos: Vec<u32>,
     queue: Mutex<Queue>,
     queued: Condvar,
     /// Workers between taking a job and finishing it.
@@ -154,6 +172,15 @@ impl Fetcher {
     ) -> Arc<Fetcher> {
         let workers = opts.workers;
         let (tx, rx) = std::sync::mpsc::channel::<u32>();
+        let mut pack_order: Vec<u32> = (0..image.index.chunks.len() as u32).collect();
+        pack_order.sort_by_key(|&c| {
+            let l = &image.index.chunks[c as usize];
+            (l.pack, l.offset)
+        });
+        let mut pack_pos = vec![0u32; pack_order.len()];
+        for (p, &c) in pack_order.iter().enumerate() {
+            pack_pos[c as usize] = p as u32;
+        }
         let f = Arc::new(Fetcher {
             pending: Mutex::new(HashMap::new()),
             pending_bytes: AtomicU64::new(0),
@@ -163,7 +190,9 @@ impl Fetcher {
             store,
             opts,
             flights: Mutex::new(HashMap::new()),
-            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            recent: Mutex::new(MemCache::default()),
+            pack_order,
+            pack_pos,
             queue: Mutex::new(Queue::default()),
             queued: Condvar::new(),
             busy: std::sync::atomic::AtomicUsize::new(0),
@@ -289,6 +318,7 @@ impl Fetcher {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         q.closed = true;
         q.high.clear();
+        q.profile.clear();
         q.low.clear();
         self.queued.notify_all();
     }
@@ -304,6 +334,7 @@ impl Fetcher {
         }
         match prio {
             Priority::High => q.high.push_back(chunks),
+            Priority::Profile => q.profile.push_back(chunks),
             Priority::Low => q.low.push_back(chunks),
         }
         self.queued.notify_all();
@@ -312,7 +343,7 @@ impl Fetcher {
     /// Background jobs not yet started.
     pub fn queued_jobs(&self) -> usize {
         let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.high.len() + q.low.len()
+        q.high.len() + q.profile.len() + q.low.len()
     }
 
     /// Counters, plus whether all fetching and caching work is done (`idle`).
@@ -340,6 +371,10 @@ impl Fetcher {
                         self.busy.fetch_add(1, Ordering::SeqCst);
                         break (j, Priority::High);
                     }
+                    if let Some(j) = q.profile.pop_front() {
+                        self.busy.fetch_add(1, Ordering::SeqCst);
+                        break (j, Priority::Profile);
+                    }
                     if takes_low {
                         if let Some(j) = q.low.pop_front() {
                             self.busy.fetch_add(1, Ordering::SeqCst);
@@ -350,20 +385,34 @@ impl Fetcher {
                 }
             };
             let (chunks, prio) = job;
-            // Only what nobody has or is fetching.
+            // Only what is not in memory; node-store chunks are loaded into memory for a
+            // reader that is about to want them, skipped otherwise.
             let todo: Vec<u32> = {
                 let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let mem = self.recent.lock().unwrap_or_else(|e| e.into_inner());
                 chunks
                     .into_iter()
-                    .filter(|c| !pending.contains_key(c))
+                    .filter(|c| !pending.contains_key(c) && !mem.map.contains_key(c))
                     .collect()
             };
             let todo: Vec<u32> = todo
                 .into_iter()
-                .filter(|&c| !self.store.contains(&self.image.index.chunks[c as usize].id))
+                .filter(|&c| {
+                    let id = &self.image.index.chunks[c as usize].id;
+                    if prio != Priority::High {
+                        return !self.store.contains(id);
+                    }
+                    match self.store.get(id) {
+                        Some(b) => {
+                            self.remember(c, &b.into());
+                            false
+                        }
+                        None => true,
+                    }
+                })
                 .collect();
             let (lead, _) = self.claim(&todo);
-            if prio == Priority::Low {
+            if prio != Priority::High {
                 self.stats
                     .prefetched_chunks
                     .fetch_add(lead.len() as u64, Ordering::Relaxed);
@@ -375,18 +424,72 @@ impl Fetcher {
 
     fn remember(&self, c: u32, data: &Arc<[u8]>) {
         let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if r.iter().any(|(k, _)| *k == c) {
+        if r.map.insert(c, data.clone()).is_some() {
             return;
         }
-        if r.len() == RECENT {
-            r.pop_front();
+        r.order.push_back(c);
+        r.bytes += data.len() as u64;
+        while r.bytes > MEM_CACHE_BYTES {
+            let Some(old) = r.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = r.map.remove(&old) {
+                r.bytes -= d.len() as u64;
+            }
         }
-        r.push_back((c, data.clone()));
     }
 
     fn recent(&self, c: u32) -> Option<Arc<[u8]>> {
         let r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        r.iter().find(|(k, _)| *k == c).map(|(_, d)| d.clone())
+        r.map.get(&c).cloned()
+    }
+
+    /// Chunks that follow `missing` in their packs, up to `amplify` bytes after each,
+    /// that nobody has, is caching or is fetching — claimed for this caller.
+    fn amplify(&self, missing: &[u32]) -> Vec<u32> {
+        if self.opts.amplify == 0 {
+            return Vec::new();
+        }
+        let chunks = &self.image.index.chunks;
+        let mut extra = Vec::new();
+        let mut taken: HashSet<u32> = missing.iter().copied().collect();
+        for &m in missing {
+            let first = &chunks[m as usize];
+            let mut end = first.offset + first.stored_len as u64;
+            let mut p = self.pack_pos[m as usize] as usize + 1;
+            while end - first.offset < self.opts.amplify {
+                let Some(&c) = self.pack_order.get(p) else {
+                    break;
+                };
+                let loc = &chunks[c as usize];
+                if loc.pack != first.pack || loc.offset != end {
+                    break;
+                }
+                end += loc.stored_len as u64;
+                p += 1;
+                if taken.insert(c)
+                    && self.recent(c).is_none()
+                    && !self
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains_key(&c)
+                    && !self.store.contains(&loc.id)
+                {
+                    extra.push(c);
+                }
+            }
+        }
+        // Only what nobody else is already fetching; never wait for it.
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        extra.retain(|c| {
+            if flights.contains_key(c) {
+                return false;
+            }
+            flights.insert(*c, Arc::new(Flight::default()));
+            true
+        });
+        extra
     }
 
     /// Register flights for the chunks nobody is fetching: returns (chunks this caller
@@ -454,9 +557,15 @@ impl Fetcher {
         if missing.is_empty() {
             return Ok(have);
         }
-        let (lead, wait) = self.claim(&missing);
+        let (mut lead, wait) = self.claim(&missing);
+        let wanted_here: HashSet<u32> = lead.iter().copied().collect();
+        lead.extend(self.amplify(&lead));
         let mut first_err = None;
         for (c, r) in self.fetch(&lead) {
+            if !wanted_here.contains(&c) {
+                // An amplified neighbour: cached for later readers, not needed here.
+                continue;
+            }
             match r {
                 Ok(d) => {
                     have.insert(c, d);

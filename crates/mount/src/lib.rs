@@ -17,8 +17,8 @@ pub mod store;
 use fetch::{Failure, Fetcher, Priority};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -87,9 +87,26 @@ pub struct ImageFs {
     profile: Option<Mutex<Profile>>,
 }
 
+/// A read profile being recorded: a line `K N PATH` says chunks K..K+N of the file at
+/// PATH were first read here, in this order (a line with only a path means the whole
+/// file, for hand-written profiles).
 struct Profile {
-    out: std::fs::File,
+    out: std::io::BufWriter<std::fs::File>,
+    /// Chunks (of the chunk table) already recorded.
     seen: Vec<bool>,
+}
+
+/// Prefetch jobs from a profile hold this many chunks (one coalesced fetch, roughly).
+const PROFILE_JOB_CHUNKS: usize = 32;
+
+/// `K N PATH` → (Some((K, N)), PATH); anything else is a whole-file PATH.
+fn parse_profile_line(line: &[u8]) -> (Option<(usize, usize)>, &[u8]) {
+    let mut parts = line.splitn(3, |&b| b == b' ');
+    let num = |p: Option<&[u8]>| std::str::from_utf8(p?).ok()?.parse::<usize>().ok();
+    match (num(parts.next()), num(parts.next()), parts.next()) {
+        (Some(k), Some(n), Some(path)) => (Some((k, n)), path),
+        _ => (None, line),
+    }
 }
 
 /// A timestamp from the index; times the platform cannot represent become the epoch.
@@ -146,8 +163,8 @@ impl ImageFs {
             source,
         })?;
         self.profile = Some(Mutex::new(Profile {
-            out,
-            seen: vec![false; self.image.index.entries.len()],
+            out: std::io::BufWriter::new(out),
+            seen: vec![false; self.image.index.chunks.len()],
         }));
         Ok(())
     }
@@ -175,33 +192,52 @@ impl ImageFs {
         Some(cur)
     }
 
-    /// Chunks of the files named in a profile (one path per line), in order, then —
-    /// with `whole` — every other chunk of the image in index order; queued for
-    /// background fetching at low priority. Returns the number of chunks queued.
+    /// Queue for background fetching the chunks a profile names, in its order, on every
+    /// worker; then — with `whole` — every other chunk of the image in index order, at
+    /// low priority. Returns the number of chunks queued.
     pub fn prefetch(&self, profile: &[u8], whole: bool) -> usize {
-        let mut seen = vec![false; self.image.index.chunks.len()];
+        let chunk_count = self.image.index.chunks.len();
+        let mut seen = vec![false; chunk_count];
         let mut queued = 0;
-        let mut queue_file = |i: usize| {
-            let i = self.image.index.inode_entry(i);
-            if let Some(Node::File(_, f)) = self.image.index.entries.get(i).map(|e| &e.node) {
-                let job: Vec<u32> = f
-                    .chunks
-                    .iter()
-                    .copied()
-                    .filter(|&c| !std::mem::replace(&mut seen[c as usize], true))
-                    .collect();
-                queued += job.len();
-                self.fetcher.enqueue(job, Priority::Low);
-            }
-        };
+        let mut job = Vec::new();
         for line in profile.split(|&b| b == b'\n') {
-            if let Some(i) = self.lookup_path(line) {
-                queue_file(i as usize);
+            let (range, path) = parse_profile_line(line);
+            let Some(i) = self.lookup_path(path) else {
+                continue;
+            };
+            let i = self.image.index.inode_entry(i as usize);
+            let Some(Node::File(_, f)) = self.image.index.entries.get(i).map(|e| &e.node) else {
+                continue;
+            };
+            let (k, n) = range.unwrap_or((0, f.chunks.len()));
+            for &c in f.chunks.iter().skip(k).take(n) {
+                if (c as usize) < chunk_count && !std::mem::replace(&mut seen[c as usize], true) {
+                    job.push(c);
+                    if job.len() == PROFILE_JOB_CHUNKS {
+                        queued += job.len();
+                        self.fetcher
+                            .enqueue(std::mem::take(&mut job), Priority::Profile);
+                    }
+                }
             }
         }
+        queued += job.len();
+        self.fetcher.enqueue(job, Priority::Profile);
         if whole {
-            for i in 0..self.image.index.entries.len() {
-                queue_file(i);
+            for e in &self.image.index.entries {
+                if let Node::File(_, f) = &e.node {
+                    let job: Vec<u32> = f
+                        .chunks
+                        .iter()
+                        .copied()
+                        .filter(|&c| {
+                            (c as usize) < chunk_count
+                                && !std::mem::replace(&mut seen[c as usize], true)
+                        })
+                        .collect();
+                    queued += job.len();
+                    self.fetcher.enqueue(job, Priority::Low);
+                }
             }
         }
         queued
@@ -294,17 +330,51 @@ impl ImageFs {
         self.fetcher.enqueue(job, Priority::High);
     }
 
-    fn note_first_read(&self, i: usize) {
+    /// Record chunks `first..first+n` of file `i` in the profile, if not yet recorded.
+    fn note_read(&self, i: usize, f: &tessera_format::index::FileData, first: usize, n: usize) {
         let Some(p) = &self.profile else { return };
         let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-        if p.seen.get(i).copied().unwrap_or(true) {
+        let path = self.path_of(i);
+        if path.contains(&b'\n') {
             return;
         }
-        p.seen[i] = true;
-        let mut line = self.path_of(i);
-        line.push(b'\n');
-        if let Err(e) = p.out.write_all(&line) {
-            tracing::warn!(error = %e, "cannot write the read profile");
+        let mut run: Option<(usize, usize)> = None;
+        let mut lines = Vec::new();
+        for k in first..(first + n).min(f.chunks.len()) {
+            let c = f.chunks[k] as usize;
+            let fresh = p.seen.get(c).is_some_and(|s| !s);
+            if fresh {
+                p.seen[c] = true;
+            }
+            run = match (run, fresh) {
+                (Some((a, m)), true) if a + m == k => Some((a, m + 1)),
+                (r, true) => {
+                    lines.extend(r);
+                    Some((k, 1))
+                }
+                (r, false) => {
+                    lines.extend(r);
+                    None
+                }
+            };
+        }
+        lines.extend(run);
+        for (k, m) in lines {
+            let mut line = format!("{k} {m} ").into_bytes();
+            line.extend_from_slice(&path);
+            line.push(b'\n');
+            if let Err(e) = p.out.write_all(&line) {
+                tracing::warn!(error = %e, "cannot write the read profile");
+            }
+        }
+        // A daemon that is killed keeps what it recorded.
+        let _ = p.out.flush();
+    }
+
+    /// Write out what the profile has buffered.
+    pub fn flush_profile(&self) {
+        if let Some(p) = &self.profile {
+            let _ = p.lock().unwrap_or_else(|e| e.into_inner()).out.flush();
         }
     }
 
@@ -330,7 +400,7 @@ impl ImageFs {
             pos += self.image.index.chunks[c as usize].len as u64;
             k += 1;
         }
-        self.note_first_read(i);
+        self.note_read(i, f, first, wanted.len());
         self.read_ahead(i, offset, end, f);
         let ids: Vec<u32> = wanted.iter().map(|&(c, _)| c).collect();
         let have = self.fetcher.chunks(&ids).map_err(|e| {
@@ -370,10 +440,21 @@ impl Filesystem for ImageFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_write(1 << 20);
+        // READDIRPLUS answers a listing with every entry's attributes, so a walk needs no
+        // LOOKUP per entry; lookups and listings may run in parallel; symlink targets are
+        // cached by the kernel (the image never changes).
+        for cap in [
+            fuser::InitFlags::FUSE_DO_READDIRPLUS,
+            fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+            fuser::InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
         Ok(())
     }
 
     fn destroy(&mut self) {
+        self.flush_profile();
         self.fetcher.close();
     }
 
@@ -483,6 +564,41 @@ impl Filesystem for ImageFs {
         }
         for (k, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), k as u64 + 1, *kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(i) = self.entry(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if !matches!(self.image.index.entries[i].node, Node::Dir(_)) {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let parent = self.image.index.entries[i].parent as usize;
+        let mut list: Vec<(usize, &[u8])> = vec![(i, b"."), (parent, b"..")];
+        for &c in &self.children[i] {
+            list.push((c as usize, &self.image.index.entries[c as usize].name));
+        }
+        for (k, (e, name)) in list.iter().enumerate().skip(offset as usize) {
+            let Some(a) = self.attr(*e) else { continue };
+            if reply.add(
+                a.ino,
+                k as u64 + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &a,
+                Generation(0),
+            ) {
                 break;
             }
         }
