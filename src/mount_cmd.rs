@@ -42,6 +42,10 @@ pub struct MountArgs {
     /// pack (neighbouring files), up to SIZE (0: off).
     #[arg(long, value_name = "SIZE", default_value = "128K", value_parser = parse_size)]
     amplify: u64,
+    /// Kernel readahead of the mount (also the read-around of page faults on mapped
+    /// files): small fetches less for programs that map big libraries.
+    #[arg(long, value_name = "SIZE", default_value = "128K", value_parser = parse_size)]
+    kernel_readahead: u64,
     /// Background fetch threads (readahead and prefetch).
     #[arg(long, value_name = "N", default_value_t = 4)]
     fetch_workers: usize,
@@ -178,9 +182,17 @@ pub fn mount(a: &MountArgs) -> Result<i32> {
     for (n, pair) in a.targets.chunks(2).enumerate() {
         let (reference, dir) = (pair[0].clone(), PathBuf::from(&pair[1]));
         let (source, img) = crate::open_image(&reference, &a.reg)?;
+        // The index download is the mount's bandwidth sample (see FetchOptions).
+        let rate = img.index_desc.size as f64 / img.index_fetch.as_secs_f64().max(1e-6);
+        tracing::info!(image = %reference, index_bytes = img.index_desc.size, bytes_per_s = rate as u64, "index fetched");
         let img = Arc::new(img);
-        let fetcher = Fetcher::start(img.clone(), source, store.clone(), opts.clone());
+        let mut opts = opts.clone();
+        if img.index_desc.size >= 64 << 10 {
+            opts.link_rate = Some(rate);
+        }
+        let fetcher = Fetcher::start(img.clone(), source, store.clone(), opts);
         let mut fs = ImageFs::new(fetcher.clone(), img.clone(), a.readahead);
+        fs.set_kernel_readahead(a.kernel_readahead.min(u32::MAX as u64) as u32);
         if let Some(p) = &a.record_profile {
             // One profile per mount: the second image's goes to FILE.1, and so on.
             let p = if n == 0 {
@@ -306,7 +318,7 @@ pub fn mount(a: &MountArgs) -> Result<i32> {
 fn finish(store: &NodeStore, jobs: &[Job]) {
     for j in jobs {
         j.fetcher.close();
-        tracing::info!(image = %j.reference, dir = %j.dir.display(), counters = %j.fetcher.stats.to_json(), "unmounted");
+        tracing::info!(image = %j.reference, dir = %j.dir.display(), counters = %j.fetcher.counters_json(), "unmounted");
         store.unpin(&j.pin);
     }
 }

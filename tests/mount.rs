@@ -365,7 +365,10 @@ fn settle(store: &Path, pid: u32) {
         if c["idle"] == true {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "mount never idle: {c}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "mount never idle: {c}"
+        );
     }
 }
 
@@ -496,6 +499,7 @@ fn one_fetch_per_chunk_under_concurrent_readers_and_recovery_after_an_outage() {
             });
         }
     });
+    settle(&store, m.child.id());
     let c = counters(&store, m.child.id());
     assert_eq!(
         c["chunks_fetched"].as_u64().unwrap(),

@@ -102,6 +102,8 @@ pub struct TesseraImage {
     pub index: Index,
     /// Pack descriptors by digest.
     pub packs: BTreeMap<Digest, Descriptor>,
+    /// How long downloading the index took (a sample of the store's bandwidth).
+    pub index_fetch: std::time::Duration,
 }
 
 impl TesseraImage {
@@ -120,6 +122,7 @@ impl TesseraImage {
             )));
         };
         let mut bytes = Vec::new();
+        let t0 = std::time::Instant::now();
         store
             .open_blob(&index_desc.sha256()?, index_desc.size)?
             .take(tessera_format::index::MAX_INDEX_BODY)
@@ -128,6 +131,7 @@ impl TesseraImage {
                 context: format!("reading index {}", index_desc.digest),
                 source: e,
             })?;
+        let index_fetch = t0.elapsed();
         let index = Index::decode(&bytes)?;
         let mut packs = BTreeMap::new();
         for l in &manifest.layers {
@@ -148,6 +152,7 @@ impl TesseraImage {
             index_desc,
             index,
             packs,
+            index_fetch,
         })
     }
 

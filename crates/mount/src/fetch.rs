@@ -49,8 +49,16 @@ pub struct FetchOptions {
     /// Largest coalesced range request.
     pub max_range: u64,
     /// A read that must go to the registry also fetches the chunks that follow in the
-    /// same pack (packs follow tree order: neighbouring files), up to this many bytes.
+    /// same pack (packs follow tree order: neighbouring files), up to this many bytes —
+    /// only while range requests run at `amplify_min_rate` bytes/s or more: on a slow link
+    /// the neighbours cost more than the round trips they save. Readahead from the
+    /// registry (not from the node store) also waits for a fast link.
     pub amplify: u64,
+    pub amplify_min_rate: f64,
+    /// The registry's speed, as measured when the index was downloaded (bytes/s): the
+    /// mount's one bandwidth sample (range requests for small chunks measure latency).
+    /// None: unknown, treated as slow.
+    pub link_rate: Option<f64>,
 }
 
 impl Default for FetchOptions {
@@ -61,6 +69,8 @@ impl Default for FetchOptions {
             workers: 4,
             max_range: 4 << 20,
             amplify: 128 << 10,
+            amplify_min_rate: 32e6,
+            link_rate: None,
         }
     }
 }
@@ -116,6 +126,41 @@ struct Flight {
     done: Condvar,
 }
 
+/// Goodput of the registry link: bytes received over the time at least one range request
+/// was in flight (so parallel requests and idle gaps do not skew it).
+#[derive(Default)]
+struct LinkMeter {
+    in_flight: u32,
+    busy_since: Option<Instant>,
+    busy: Duration,
+    bytes: u64,
+}
+
+impl LinkMeter {
+    fn start(&mut self) {
+        if self.in_flight == 0 {
+            self.busy_since = Some(Instant::now());
+        }
+        self.in_flight += 1;
+    }
+
+    fn end(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.in_flight == 0 {
+            if let Some(t) = self.busy_since.take() {
+                self.busy += t.elapsed();
+            }
+        }
+    }
+
+    /// Bytes/s, once at least 1 MiB was received.
+    fn rate(&self) -> Option<f64> {
+        let busy = self.busy + self.busy_since.map(|t| t.elapsed()).unwrap_or_default();
+        (self.bytes >= 1 << 20).then(|| self.bytes as f64 / busy.as_secs_f64().max(1e-6))
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
     /// Readahead: soon wanted by a reader (also loads node-store chunks into memory).
@@ -150,6 +195,8 @@ pub struct Fetcher {
     pack_pos: Vec<u32>,
     queue: Mutex<Queue>,
     queued: Condvar,
+    /// How fast the registry delivers while it is busy with our requests (reported).
+    link: Mutex<LinkMeter>,
     /// Workers between taking a job and finishing it.
     busy: std::sync::atomic::AtomicUsize,
     pub stats: FetchStats,
@@ -196,6 +243,7 @@ impl Fetcher {
             queue: Mutex::new(Queue::default()),
             queued: Condvar::new(),
             busy: std::sync::atomic::AtomicUsize::new(0),
+            link: Mutex::new(LinkMeter::default()),
             stats: FetchStats::default(),
         });
         {
@@ -356,6 +404,7 @@ impl Fetcher {
         v["chunks_in_flight"] = flights.into();
         v["chunks_being_cached"] = pending.into();
         v["idle"] = (queued == 0 && flights == 0 && pending == 0).into();
+        v["link_bytes_per_s"] = (self.link_rate().unwrap_or(0.0) as u64).into();
         v
     }
 
@@ -395,31 +444,54 @@ impl Fetcher {
                     .filter(|c| !pending.contains_key(c) && !mem.map.contains_key(c))
                     .collect()
             };
-            let todo: Vec<u32> = todo
-                .into_iter()
-                .filter(|&c| {
-                    let id = &self.image.index.chunks[c as usize].id;
-                    if prio != Priority::High {
-                        return !self.store.contains(id);
-                    }
-                    match self.store.get(id) {
-                        Some(b) => {
-                            self.remember(c, &b.into());
-                            false
-                        }
-                        None => true,
-                    }
-                })
-                .collect();
-            let (lead, _) = self.claim(&todo);
-            if prio != Priority::High {
+            let lead = if prio == Priority::High {
+                // On a slow link readahead only loads what the node store has: the
+                // registry is asked for what readers ask for (a mapped library's page
+                // faults look like a stream, but touch little of it).
+                let todo = if self.link_is_fast() {
+                    todo
+                } else {
+                    todo.into_iter()
+                        .filter(|&c| self.store.contains(&self.image.index.chunks[c as usize].id))
+                        .collect()
+                };
+                // Claimed first, so a reader arriving meanwhile waits for this load
+                // instead of reading the same file from disk.
+                let (lead, _) = self.claim(&todo);
+                self.load_from_store(lead, &mut |_, _| {})
+            } else {
+                let todo: Vec<u32> = todo
+                    .into_iter()
+                    .filter(|&c| !self.store.contains(&self.image.index.chunks[c as usize].id))
+                    .collect();
+                let (lead, _) = self.claim(&todo);
                 self.stats
                     .prefetched_chunks
                     .fetch_add(lead.len() as u64, Ordering::Relaxed);
-            }
+                lead
+            };
             let _ = self.fetch(&lead);
             self.busy.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    /// Land the claimed chunks the node store (or shared tier) has, calling `got` with
+    /// each; returns the rest, still claimed, for fetching.
+    fn load_from_store(&self, claimed: Vec<u32>, got: &mut dyn FnMut(u32, Arc<[u8]>)) -> Vec<u32> {
+        let mut rest = Vec::new();
+        for c in claimed {
+            match self.store.get(&self.image.index.chunks[c as usize].id) {
+                Some(b) => {
+                    self.stats.chunks_from_store.fetch_add(1, Ordering::Relaxed);
+                    let d: Arc<[u8]> = b.into();
+                    self.remember(c, &d);
+                    self.land(c, Ok(d.clone()));
+                    got(c, d);
+                }
+                None => rest.push(c),
+            }
+        }
+        rest
     }
 
     fn remember(&self, c: u32, data: &Arc<[u8]>) {
@@ -446,8 +518,19 @@ impl Fetcher {
 
     /// Chunks that follow `missing` in their packs, up to `amplify` bytes after each,
     /// that nobody has, is caching or is fetching — claimed for this caller.
+    /// Whether range requests have been running at `amplify_min_rate` or more.
+    fn link_is_fast(&self) -> bool {
+        self.opts
+            .link_rate
+            .is_some_and(|r| r >= self.opts.amplify_min_rate)
+    }
+
+    fn link_rate(&self) -> Option<f64> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner()).rate()
+    }
+
     fn amplify(&self, missing: &[u32]) -> Vec<u32> {
-        if self.opts.amplify == 0 {
+        if self.opts.amplify == 0 || !self.link_is_fast() {
             return Vec::new();
         }
         let chunks = &self.image.index.chunks;
@@ -544,21 +627,16 @@ impl Fetcher {
                 have.insert(c, d);
                 continue;
             }
-            match self.store.get(&self.image.index.chunks[c as usize].id) {
-                Some(b) => {
-                    self.stats.chunks_from_store.fetch_add(1, Ordering::Relaxed);
-                    let d: Arc<[u8]> = b.into();
-                    self.remember(c, &d);
-                    have.insert(c, d);
-                }
-                None => missing.push(c),
-            }
+            missing.push(c);
         }
         if missing.is_empty() {
             return Ok(have);
         }
-        let (mut lead, wait) = self.claim(&missing);
-        let wanted_here: HashSet<u32> = lead.iter().copied().collect();
+        let (claimed, wait) = self.claim(&missing);
+        let wanted_here: HashSet<u32> = claimed.iter().copied().collect();
+        let mut lead = self.load_from_store(claimed, &mut |c, d| {
+            have.insert(c, d);
+        });
         lead.extend(self.amplify(&lead));
         let mut first_err = None;
         for (c, r) in self.fetch(&lead) {
@@ -687,7 +765,13 @@ impl Fetcher {
         let mut delay = Duration::from_millis(50);
         loop {
             self.stats.range_requests.fetch_add(1, Ordering::Relaxed);
-            match self.source.read_range(&digest, offset, len) {
+            self.link.lock().unwrap_or_else(|e| e.into_inner()).start();
+            let got = self.source.read_range(&digest, offset, len);
+            self.link
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .end(got.as_ref().map_or(0, |b| b.len() as u64));
+            match got {
                 Ok(b) => {
                     self.stats
                         .bytes_fetched

@@ -75,6 +75,9 @@ pub struct ImageFs {
     image: Arc<TesseraImage>,
     fetcher: Arc<Fetcher>,
     readahead: u64,
+    /// What the kernel may read ahead of a reader (also the read-around of a page fault
+    /// on a mapped file): small keeps lazy mounts from fetching what mmap never touches.
+    kernel_readahead: u32,
     /// Children (entry numbers) of every directory entry, in index order.
     children: Vec<Vec<u32>>,
     /// (parent entry, name) → entry.
@@ -95,6 +98,9 @@ struct Profile {
     /// Chunks (of the chunk table) already recorded.
     seen: Vec<bool>,
 }
+
+/// Readahead jobs hold this many chunks.
+const READAHEAD_JOB_CHUNKS: usize = 4;
 
 /// Prefetch jobs from a profile hold this many chunks (one coalesced fetch, roughly).
 const PROFILE_JOB_CHUNKS: usize = 32;
@@ -147,6 +153,7 @@ impl ImageFs {
             image,
             fetcher,
             readahead,
+            kernel_readahead: 128 << 10,
             children,
             names,
             nlink,
@@ -154,6 +161,11 @@ impl ImageFs {
             cursors: Mutex::new(HashMap::new()),
             profile: None,
         }
+    }
+
+    /// Set the kernel's readahead (bytes, a multiple of the page size).
+    pub fn set_kernel_readahead(&mut self, bytes: u32) {
+        self.kernel_readahead = bytes.max(4096);
     }
 
     /// Append the path of every file to `path` when it is first read.
@@ -302,9 +314,16 @@ impl ImageFs {
         let (from, to) = {
             let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
             let cur = cursors.entry(i as u32).or_default();
-            let sequential = offset == 0 || offset == cur.last_end;
-            cur.last_end = end;
-            if !sequential {
+            // A stream is a read that continues the previous one (several FUSE threads
+            // may deliver it a little behind the furthest end so far). A first read at 0
+            // is not yet a stream: programs read the header of a library they then map.
+            let continues =
+                offset > 0 && offset <= cur.last_end && cur.last_end - offset <= 1 << 20;
+            if continues {
+                cur.last_end = cur.last_end.max(end);
+            } else {
+                cur.last_end = end;
+                cur.ahead = 0;
                 return;
             }
             let to = (end + self.readahead).min(f.size);
@@ -320,10 +339,15 @@ impl ImageFs {
         let Some((mut k, mut pos)) = map.locate(from) else {
             return;
         };
+        // Small jobs, so every worker takes part (node-store loads run in parallel).
         let mut job = Vec::new();
         while pos < to && k < f.chunks.len() {
             let c = f.chunks[k];
             job.push(c);
+            if job.len() == READAHEAD_JOB_CHUNKS {
+                self.fetcher
+                    .enqueue(std::mem::take(&mut job), Priority::High);
+            }
             pos += self.image.index.chunks[c as usize].len as u64;
             k += 1;
         }
@@ -438,7 +462,9 @@ fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
 
 impl Filesystem for ImageFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_readahead(1 << 20);
+        if let Err(max) = config.set_max_readahead(self.kernel_readahead) {
+            let _ = config.set_max_readahead(max);
+        }
         let _ = config.set_max_write(1 << 20);
         // READDIRPLUS answers a listing with every entry's attributes, so a walk needs no
         // LOOKUP per entry; lookups and listings may run in parallel; symlink targets are
