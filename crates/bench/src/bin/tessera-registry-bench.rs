@@ -49,6 +49,10 @@ struct Args {
     /// Corpus directory: an OCI image layout in DIR/layout with one tag per image.
     #[arg(long, default_value = "/var/cache/tessera/corpus")]
     corpus: PathBuf,
+    /// Where pulls write their OCI layouts (default: WORK/pulled). Same for both
+    /// registries; a tmpfs such as /dev/shm takes the client's disk out of the pull figure.
+    #[arg(long, value_name = "DIR")]
+    pull_dir: Option<PathBuf>,
     /// Scratch directory (emptied first): registry storage, pulled layouts, server logs.
     #[arg(long, default_value = "/var/tmp/tessera-registry-bench")]
     work: PathBuf,
@@ -902,7 +906,14 @@ fn run_registry(ctx: &Ctx, kind: Kind, round: usize) -> Result<RegResult> {
             round + 1,
             mb / push
         );
-        let pull_dir = dir.join("pulled");
+        let pull_dir = match &ctx.args.pull_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)
+                    .with_context(|| format!("creating --pull-dir {}", d.display()))?;
+                d.join(format!("pulled-{who}"))
+            }
+            None => dir.join("pulled"),
+        };
         let _ = std::fs::remove_dir_all(&pull_dir);
         sync();
         server.take_peak_kb()?;
