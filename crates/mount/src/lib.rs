@@ -850,3 +850,28 @@ pub fn unmount(dir: &Path) -> Result<(), MountError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_profile_line;
+
+    #[test]
+    fn profile_lines() {
+        assert_eq!(
+            parse_profile_line(b"3 2 usr/lib/a b.so"),
+            (Some((3, 2)), &b"usr/lib/a b.so"[..])
+        );
+        assert_eq!(
+            parse_profile_line(b"usr/bin/bash"),
+            (None, &b"usr/bin/bash"[..])
+        );
+        // Numbers that are not a range, or a missing path, make a plain path.
+        assert_eq!(parse_profile_line(b"3 x y"), (None, &b"3 x y"[..]));
+        assert_eq!(parse_profile_line(b"3 2"), (None, &b"3 2"[..]));
+        assert_eq!(
+            parse_profile_line(b"99999999999999999999999 1 a"),
+            (None, &b"99999999999999999999999 1 a"[..])
+        );
+        assert_eq!(parse_profile_line(b""), (None, &b""[..]));
+    }
+}
