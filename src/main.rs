@@ -145,9 +145,23 @@ Examples:
   tessera mount reg:5000/app:1 /run/app --writable          # copy-on-write root for chroot
   tessera mount reg:5000/a:1 /run/a reg:5000/b:1 /run/b     # one daemon, two mounts
   tessera mount reg:5000/app:1 /run/app --record-profile app.profile
-  tessera mount reg:5000/app:1 /run/app --prefetch-profile app.profile --prefetch"
+  tessera profile push reg:5000/app:1 app.profile          # later mounts prefetch it by themselves
+  tessera mount reg:5000/app:1 /run/app --prefetch-profile app.profile --prefetch
+
+Unless --no-profile or --prefetch-profile is given, the newest read profile stored with
+the image (an OCI referrer, see `tessera profile`) is prefetched while the mount runs."
     )]
     Mount(mount_cmd::MountArgs),
+    /// Store a read profile beside a tessera image (an OCI 1.1 referrer of its manifest),
+    /// or show the one a mount would use.
+    #[command(after_help = "Examples:
+  tessera mount reg:5000/app:1 /run/app --record-profile app.profile   # run the workload, unmount
+  tessera profile push reg:5000/app:1 app.profile --workload import-pandas
+  tessera profile show reg:5000/app:1 --workload import-pandas")]
+    Profile {
+        #[command(subcommand)]
+        cmd: mount_cmd::ProfileCmd,
+    },
     /// Unmount a `tessera mount` (also one whose process died; with --writable, the
     /// overlay and the image under it).
     #[command(after_help = "Example:
@@ -367,6 +381,7 @@ fn run(cli: &Cli) -> Result<i32> {
         Cmd::Mount(args) => mount_cmd::mount(args),
         Cmd::Umount { dir } => mount_cmd::umount(dir),
         Cmd::Cache { cmd } => mount_cmd::cache(cmd),
+        Cmd::Profile { cmd } => mount_cmd::profile(cmd),
         Cmd::Convert {
             src,
             dst,

@@ -49,6 +49,15 @@ pub struct MountArgs {
     /// Background fetch threads (readahead and prefetch).
     #[arg(long, value_name = "N", default_value_t = 4)]
     fetch_workers: usize,
+    /// Files of at least SIZE, once all their chunks are in the node store, are written
+    /// out whole there (verified chunk by chunk) and opened with FUSE passthrough: the
+    /// kernel reads them directly, at the store filesystem's speed.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    passthrough_min: u64,
+    /// Serve every read through the daemon, re-verifying each chunk on every read from
+    /// the node store (slower; passthrough files are verified once, when sealed).
+    #[arg(long)]
+    no_passthrough: bool,
     /// Fetch the whole image in the background, at low priority, after the profile.
     #[arg(long)]
     prefetch: bool,
@@ -57,9 +66,18 @@ pub struct MountArgs {
     #[arg(long, value_name = "FILE")]
     prefetch_profile: Option<PathBuf>,
     /// Write what is read, in the order it is first read, to FILE (lines `K N PATH`:
-    /// chunks K..K+N of the file at PATH).
+    /// chunks K..K+N of the file at PATH). Store it beside the image with
+    /// `tessera profile push REF FILE`; later mounts then prefetch it by themselves.
     #[arg(long, value_name = "FILE")]
     record_profile: Option<PathBuf>,
+    /// Do not look for a read profile stored beside the image (OCI referrers of the
+    /// image manifest); without --prefetch-profile the newest one is prefetched.
+    #[arg(long, conflicts_with = "prefetch_profile")]
+    no_profile: bool,
+    /// Use the newest stored profile recorded for this workload name (see
+    /// `tessera profile push --workload`).
+    #[arg(long, value_name = "NAME", conflicts_with = "no_profile")]
+    profile_workload: Option<String>,
     #[command(flatten)]
     reg: RegistryArgs,
 }
@@ -120,6 +138,75 @@ pub enum CacheCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ProfileCmd {
+    /// Store FILE (written by `tessera mount --record-profile`) as a referrer of REF's
+    /// tessera manifest; prints the profile manifest's digest.
+    Push {
+        reference: String,
+        file: PathBuf,
+        /// A name for the workload (mounts pick it with --profile-workload).
+        #[arg(long, value_name = "NAME")]
+        workload: Option<String>,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
+    /// Print the newest profile stored for REF (what a mount would prefetch).
+    Show {
+        reference: String,
+        #[arg(long, value_name = "NAME")]
+        workload: Option<String>,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
+}
+
+pub fn profile(cmd: &ProfileCmd) -> Result<i32> {
+    match cmd {
+        ProfileCmd::Push {
+            reference,
+            file,
+            workload,
+            reg,
+        } => {
+            let text =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let (store, img) = crate::open_image(reference, reg)?;
+            let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            let d = tessera_mount::profile::push(
+                store.as_ref(),
+                &img.manifest_desc,
+                &text,
+                workload.as_deref(),
+                &created.to_string(),
+            )
+            .with_context(|| format!("storing the profile beside {reference}"))?;
+            println!("{d}");
+        }
+        ProfileCmd::Show {
+            reference,
+            workload,
+            reg,
+        } => {
+            let (store, img) = crate::open_image(reference, reg)?;
+            let subject = img.manifest_desc.sha256()?;
+            match tessera_mount::profile::fetch_latest(store.as_ref(), &subject, workload.as_deref())
+                .with_context(|| format!("looking up profiles of {reference}"))?
+            {
+                Some((digest, text)) => {
+                    eprintln!("profile {digest}");
+                    std::io::stdout().write_all(&text)?;
+                }
+                None => bail!(
+                    "no read profile is stored with {reference}{} (record one with tessera mount --record-profile, store it with tessera profile push)",
+                    workload.as_deref().map(|w| format!(" for workload {w:?}")).unwrap_or_default()
+                ),
+            }
+        }
+    }
+    Ok(0)
 }
 
 /// `20G`, `512M`, `64K`, `1000` (binary multiples).
@@ -193,6 +280,7 @@ pub fn mount(a: &MountArgs) -> Result<i32> {
         let fetcher = Fetcher::start(img.clone(), source, store.clone(), opts);
         let mut fs = ImageFs::new(fetcher.clone(), img.clone(), a.readahead);
         fs.set_kernel_readahead(a.kernel_readahead.min(u32::MAX as u64) as u32);
+        fs.set_passthrough((!a.no_passthrough).then_some(a.passthrough_min));
         if let Some(p) = &a.record_profile {
             // One profile per mount: the second image's goes to FILE.1, and so on.
             let p = if n == 0 {
@@ -202,17 +290,64 @@ pub fn mount(a: &MountArgs) -> Result<i32> {
             };
             fs.record_profile(&p)?;
         }
-        if a.prefetch || !profile.is_empty() {
+        if !profile.is_empty() {
             let queued = fs.prefetch(&profile, a.prefetch);
             tracing::info!(image = %reference, chunks = queued, "prefetch queued");
+        } else if a.no_profile || a.prefetch_profile.is_some() {
+            if a.prefetch {
+                let queued = fs.prefetch(&[], true);
+                tracing::info!(image = %reference, chunks = queued, "prefetch queued");
+            }
+        } else {
+            // Look for a stored profile while the mount comes up: mounting does not wait.
+            let pf = fs.prefetcher();
+            let (r, reg) = (reference.clone(), a.reg.clone());
+            let subject = img.manifest_desc.sha256()?;
+            let (whole, workload) = (a.prefetch, a.profile_workload.clone());
+            std::thread::Builder::new()
+                .name("tessera-profile".into())
+                .spawn(move || {
+                    let found = crate::open(&r, &reg).map_err(|e| format!("{e:#}")).and_then(
+                        |(store, _)| {
+                            tessera_mount::profile::fetch_latest(
+                                store.as_ref(),
+                                &subject,
+                                workload.as_deref(),
+                            )
+                            .map_err(|e| e.to_string())
+                        },
+                    );
+                    let text = match found {
+                        Ok(Some((digest, text))) => {
+                            tracing::info!(image = %r, profile = %digest, bytes = text.len(), "prefetching the image's stored read profile");
+                            text
+                        }
+                        Ok(None) => {
+                            tracing::debug!(image = %r, "no read profile stored with the image");
+                            Vec::new()
+                        }
+                        Err(e) => {
+                            tracing::warn!(image = %r, error = %e, "cannot look up a stored read profile; mounting without one");
+                            Vec::new()
+                        }
+                    };
+                    if !text.is_empty() || whole {
+                        let queued = pf.prefetch(&text, whole);
+                        tracing::info!(image = %r, chunks = queued, "prefetch queued");
+                    }
+                })
+                .context("starting the profile lookup")?;
         }
-        let ids: Vec<_> = img.index.chunks.iter().map(|c| c.id).collect();
+        // Chunks and the sealed files of this image stay while it is mounted.
+        let mut ids: Vec<_> = img.index.chunks.iter().map(|c| c.id).collect();
+        let chunk_count = ids.len() as u64;
+        ids.extend(fs.sealed_keys());
         let info = MountInfo {
             pid: std::process::id(),
             reference: reference.clone(),
             manifest: img.manifest_desc.digest.clone(),
             dir: dir.display().to_string(),
-            chunks: ids.len() as u64,
+            chunks: chunk_count,
             counters: serde_json::Value::Null,
         };
         let pin = store
@@ -340,7 +475,13 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 println!("node store   {}", s.dir);
-                println!("chunks       {} ({})", s.chunks, gib(s.bytes));
+                println!("chunks       {} ({} in all)", s.chunks, gib(s.bytes));
+                println!(
+                    "sealed files {} ({}; {} chunks are pointers into them)",
+                    s.sealed_files,
+                    gib(s.sealed_bytes),
+                    s.pointers
+                );
                 println!(
                     "pinned       {} ({}) by {} mount(s)",
                     s.pinned_chunks,
@@ -406,14 +547,19 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
-                    "checked {} chunk(s) ({}): {} corrupt, {} misplaced, removed",
+                    "checked {} chunk(s) ({}) and {} sealed file(s): {} corrupt chunk(s), {} corrupt sealed file(s), {} misplaced, removed",
                     r.checked,
                     gib(r.bytes),
+                    r.sealed_checked,
                     r.corrupt_removed.len(),
+                    r.corrupt_sealed_removed.len(),
                     r.misplaced_removed.len()
                 );
             }
-            if !r.corrupt_removed.is_empty() || !r.misplaced_removed.is_empty() {
+            if !r.corrupt_removed.is_empty()
+                || !r.misplaced_removed.is_empty()
+                || !r.corrupt_sealed_removed.is_empty()
+            {
                 return Ok(1);
             }
         }

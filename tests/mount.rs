@@ -950,3 +950,199 @@ fn expired_registry_tokens_are_refreshed_mid_mount() {
         "no token refresh happened"
     );
 }
+
+/// The largest regular file under `root` (path relative to it, size).
+fn largest_file(root: &Path) -> (PathBuf, u64) {
+    let mut best = (PathBuf::new(), 0);
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() && m.len() > best.1 {
+                best = (e.path().strip_prefix(root).unwrap().to_path_buf(), m.len());
+            }
+        }
+    }
+    best
+}
+
+#[test]
+fn large_files_are_sealed_and_passed_through_to_the_kernel() {
+    require_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let s = TesseraServe::start();
+    let r = format!("{}/seal/pandas:t", s.addr);
+    run_ok(tessera().args(["convert", "--no-cache", &corpus_archive("app-pandas-a"), &r]));
+    let unpacked = work.path().join("unpacked");
+    run_ok(tessera().args(["unpack", &r]).arg(&unpacked));
+    let (big, size) = largest_file(&unpacked);
+    assert!(size > 8 << 20, "{big:?} is only {size} bytes");
+    let want = std::fs::read(unpacked.join(&big)).unwrap();
+    let store = work.path().join("store");
+
+    // Read through the daemon, then sealed when closed; unmounting waits for the seal.
+    let mut m = Mounted::start(&r, &work.path().join("m1"), &store);
+    assert!(std::fs::read(m.dir.join(&big)).unwrap() == want);
+    let c = counters(&store, m.child.id());
+    assert_eq!(c["passthrough_opens"], 0, "{c}");
+    m.umount();
+    let (st, _) = cache_json("stats", &store, &[]);
+    assert!(st["sealed_files"].as_u64().unwrap() >= 1, "{st}");
+    assert!(st["pointers"].as_u64().unwrap() >= 100, "{st}");
+    // Stored once: chunk files became pointers, the bytes live in the sealed file.
+    assert!(
+        st["bytes"].as_u64().unwrap() < size + (size / 4),
+        "the large file is stored twice: {st}"
+    );
+
+    // Now the kernel reads the sealed file: no chunk goes through the daemon.
+    let m = Mounted::start(&r, &work.path().join("m2"), &store);
+    assert!(std::fs::read(m.dir.join(&big)).unwrap() == want);
+    let c = counters(&store, m.child.id());
+    assert!(c["passthrough_opens"].as_u64().unwrap() >= 1, "{c}");
+    assert_eq!(
+        c["chunks_from_store"], 0,
+        "passthrough reads reached the daemon: {c}"
+    );
+    drop(m);
+
+    // A program mapping it (numpy maps OpenBLAS) through a writable overlay.
+    let upper = work.path().join("rw");
+    let up = upper.to_string_lossy().to_string();
+    let m = Mounted::start_with(
+        &r,
+        &work.path().join("m3"),
+        &store,
+        &["--writable", "--upper", &up],
+    );
+    let out = std::process::Command::new("chroot")
+        .arg(&m.dir)
+        .args([
+            "python3",
+            "-c",
+            "import numpy; print(int(numpy.arange(10).sum()))",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "45",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = counters(&store, m.child.id());
+    assert!(c["passthrough_opens"].as_u64().unwrap() >= 1, "{c}");
+    drop(m);
+
+    // --no-passthrough: the same bytes, every read through the daemon (verified there).
+    let m = Mounted::start_with(&r, &work.path().join("m4"), &store, &["--no-passthrough"]);
+    assert!(std::fs::read(m.dir.join(&big)).unwrap() == want);
+    let c = counters(&store, m.child.id());
+    assert_eq!(c["passthrough_opens"], 0, "{c}");
+    assert!(c["chunks_from_store"].as_u64().unwrap() >= 100, "{c}");
+    drop(m);
+
+    // verify checks sealed files; one bit off in one is found, and it goes with its
+    // pointers; a later mount refetches what it needs and serves the right bytes.
+    let (v, code) = cache_json("verify", &store, &[]);
+    assert_eq!(code, 0, "{v}");
+    assert!(v["sealed_checked"].as_u64().unwrap() >= 1, "{v}");
+    let files = store.join("files");
+    let sealed: Vec<PathBuf> = std::fs::read_dir(&files)
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_none())
+        .collect();
+    let victim = sealed
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap()
+        .clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[size as usize / 2] ^= 0x20;
+    std::fs::write(&victim, &bytes).unwrap();
+    let (v, code) = cache_json("verify", &store, &[]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(
+        v["corrupt_sealed_removed"].as_array().unwrap().len(),
+        1,
+        "{v}"
+    );
+    assert!(v["dangling_removed"].as_u64().unwrap() >= 100, "{v}");
+    assert!(!victim.exists());
+    let m = Mounted::start(&r, &work.path().join("m5"), &store);
+    assert!(std::fs::read(m.dir.join(&big)).unwrap() == want);
+    let c = counters(&store, m.child.id());
+    assert!(c["chunks_fetched"].as_u64().unwrap() >= 100, "{c}");
+    drop(m);
+    drop(s);
+}
+
+#[test]
+fn stored_profiles_are_found_by_later_mounts_on_any_registry() {
+    require_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let s = TesseraServe::start();
+    let d = common::DockerRegistry::start();
+    let read = ["usr/bin/bash", "usr/bin/perl"];
+    // tessera serve answers the referrers API; docker-registry 2.8 does not, so the
+    // profile goes under the OCI 1.1 fallback tag there.
+    for host in [s.addr.clone(), d.addr.clone()] {
+        let r = format!("{host}/prof/base:t");
+        run_ok(tessera().args(["convert", "--no-cache", &corpus_archive("debian-base"), &r]));
+        let profile = work
+            .path()
+            .join(format!("{}.profile", host.replace(':', "_")));
+        let store = work.path().join(format!("rec-{}", host.replace(':', "_")));
+        let pf = profile.to_string_lossy().to_string();
+        let mut m = Mounted::start_with(
+            &r,
+            &work.path().join("rec"),
+            &store,
+            &["--record-profile", &pf],
+        );
+        for f in read {
+            std::fs::read(m.dir.join(f)).unwrap();
+        }
+        m.umount();
+        let text = std::fs::read_to_string(&profile).unwrap();
+        assert!(text.contains("usr/bin/perl"), "{text}");
+        // Nothing stored yet: show says so and fails.
+        let out = tessera().args(["profile", "show", &r]).output().unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no read profile"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let digest = run_ok(tessera().args(["profile", "push", &r, &pf, "--workload", "tools"]));
+        assert!(digest.trim().starts_with("sha256:"), "{digest}");
+        let shown = run_ok(tessera().args(["profile", "show", &r, "--workload", "tools"]));
+        assert_eq!(shown, text);
+
+        // A cold mount prefetches it without being told (and without reading anything).
+        let cold = work.path().join(format!("cold-{}", host.replace(':', "_")));
+        let m = Mounted::start(&r, &work.path().join("auto"), &cold);
+        let start = Instant::now();
+        loop {
+            let c = counters(&cold, m.child.id());
+            if c["prefetched_chunks"].as_u64().unwrap() > 0 && c["idle"] == true {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "stored profile not prefetched from {host}: {c}"
+            );
+        }
+        drop(m);
+        // --no-profile: nothing is prefetched.
+        let none = work.path().join(format!("none-{}", host.replace(':', "_")));
+        let m = Mounted::start_with(&r, &work.path().join("none"), &none, &["--no-profile"]);
+        let c = counters(&none, m.child.id());
+        assert_eq!(c["prefetched_chunks"], 0, "{c}");
+        drop(m);
+    }
+}

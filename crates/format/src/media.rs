@@ -54,3 +54,15 @@ pub fn layer_compression(media_type: &str) -> Option<LayerCompression> {
         _ => None,
     }
 }
+
+/// `artifactType` of a read profile stored as a referrer of a tessera image manifest.
+pub const PROFILE_ARTIFACT_TYPE: &str = "application/vnd.tessera.profile.v1";
+/// Media type of a read profile's one layer (text, lines `K N PATH`; docs/mount.md).
+pub const PROFILE_MEDIA_TYPE: &str = "application/vnd.tessera.profile.v1+text";
+/// Profile manifest annotation: a name for the workload the profile was recorded for.
+pub const ANN_PROFILE_WORKLOAD: &str = "io.tessera.profile.workload";
+/// OCI 1.1 empty config of artifacts, and its content.
+pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+pub const OCI_EMPTY_CONTENT: &[u8] = b"{}";
+/// Standard creation-time annotation (RFC 3339).
+pub const ANN_CREATED: &str = "org.opencontainers.image.created";

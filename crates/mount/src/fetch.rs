@@ -12,6 +12,9 @@
 //! * Background work (readahead within a file, prefetch of a profile or of the whole
 //!   image) is queued for a few worker threads; readahead before prefetch, and prefetch
 //!   on one worker only, so it does not crowd out the reads a program is waiting for.
+//! * Large files whose chunks are all here are sealed (written out whole, see
+//!   [`NodeStore::seal`]) by one background thread, so later opens can be passed
+//!   through to the kernel.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +24,7 @@ use tessera_format::pack::decode_chunk;
 use tessera_image::TesseraImage;
 use tessera_oci::{OciError, Store};
 
-use crate::store::NodeStore;
+use crate::store::{file_key, NodeStore, Sealed};
 
 /// Bytes of recently used or read-ahead chunks kept in memory (a FUSE read often covers
 /// part of a chunk the previous read also covered; readahead loads chunks here).
@@ -89,6 +92,11 @@ pub struct FetchStats {
     /// Chunks a reader got by waiting for another reader's fetch.
     pub shared_waits: AtomicU64,
     pub prefetched_chunks: AtomicU64,
+    /// Files written out whole into the node store, and their bytes.
+    pub sealed_files: AtomicU64,
+    pub sealed_bytes: AtomicU64,
+    /// Opens answered with a sealed file the kernel reads directly.
+    pub passthrough_opens: AtomicU64,
 }
 
 impl FetchStats {
@@ -105,6 +113,9 @@ impl FetchStats {
             "verification_failures": g(&self.verification_failures),
             "shared_waits": g(&self.shared_waits),
             "prefetched_chunks": g(&self.prefetched_chunks),
+            "sealed_files": g(&self.sealed_files),
+            "sealed_bytes": g(&self.sealed_bytes),
+            "passthrough_opens": g(&self.passthrough_opens),
         })
     }
 }
@@ -171,6 +182,15 @@ pub enum Priority {
     Low,
 }
 
+/// Files (entry numbers) waiting to be sealed.
+#[derive(Default)]
+struct SealQueue {
+    todo: VecDeque<u32>,
+    queued: HashSet<u32>,
+    busy: bool,
+    closed: bool,
+}
+
 #[derive(Default)]
 struct Queue {
     high: VecDeque<Vec<u32>>,
@@ -199,6 +219,8 @@ pub struct Fetcher {
     link: Mutex<LinkMeter>,
     /// Workers between taking a job and finishing it.
     busy: std::sync::atomic::AtomicUsize,
+    seals: Mutex<SealQueue>,
+    sealing: Condvar,
     pub stats: FetchStats,
 }
 
@@ -244,8 +266,20 @@ impl Fetcher {
             queued: Condvar::new(),
             busy: std::sync::atomic::AtomicUsize::new(0),
             link: Mutex::new(LinkMeter::default()),
+            seals: Mutex::new(SealQueue::default()),
+            sealing: Condvar::new(),
             stats: FetchStats::default(),
         });
+        {
+            let me = f.clone();
+            let spawned = std::thread::Builder::new()
+                .name("tessera-seal".into())
+                .spawn(move || me.sealer());
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the sealer; every read goes through the daemon");
+                f.seals.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+            }
+        }
         {
             let me = f.clone();
             let spawned = std::thread::Builder::new()
@@ -270,6 +304,113 @@ impl Fetcher {
 
     pub fn image(&self) -> &TesseraImage {
         &self.image
+    }
+
+    pub fn store(&self) -> &NodeStore {
+        &self.store
+    }
+
+    /// Seal file entry `i` in the background once all its chunks are here (a file with
+    /// a chunk missing is skipped: sealing never fetches).
+    pub fn request_seal(&self, i: u32) {
+        let mut q = self.seals.lock().unwrap_or_else(|e| e.into_inner());
+        if q.closed || !q.queued.insert(i) {
+            return;
+        }
+        q.todo.push_back(i);
+        self.sealing.notify_all();
+    }
+
+    fn sealer(self: Arc<Self>) {
+        loop {
+            let i = {
+                let mut q = self.seals.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if q.closed {
+                        return;
+                    }
+                    if let Some(i) = q.todo.pop_front() {
+                        q.busy = true;
+                        break i;
+                    }
+                    q = self.sealing.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            self.seal(i as usize);
+            let mut q = self.seals.lock().unwrap_or_else(|e| e.into_inner());
+            q.busy = false;
+            q.queued.remove(&i);
+            self.sealing.notify_all();
+        }
+    }
+
+    /// A chunk held in memory (being cached, or recently used).
+    fn in_memory(&self, c: u32) -> Option<Arc<[u8]>> {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&c)
+            .cloned();
+        pending.or_else(|| self.recent(c))
+    }
+
+    fn seal(&self, i: usize) {
+        let index = &self.image.index;
+        let Some(tessera_format::index::Node::File(_, f)) = index.entries.get(i).map(|e| &e.node)
+        else {
+            return;
+        };
+        let list: Vec<(tessera_format::Digest, u32)> = f
+            .chunks
+            .iter()
+            .filter_map(|&c| index.chunks.get(c as usize).map(|l| (l.id, l.len)))
+            .collect();
+        if list.len() != f.chunks.len() {
+            return;
+        }
+        let key = file_key(list.iter().map(|(id, _)| id));
+        if self.store.has_sealed(&key) {
+            return;
+        }
+        // Cheap check first: every chunk in memory or in the store.
+        let all_here = f.chunks.iter().all(|&c| {
+            self.in_memory(c).is_some() || self.store.contains(&index.chunks[c as usize].id)
+        });
+        if !all_here {
+            return;
+        }
+        match self
+            .store
+            .seal(&key, &list, &|k| self.in_memory(f.chunks[k]))
+        {
+            Ok(Sealed::Written { bytes, pointers }) => {
+                self.stats.sealed_files.fetch_add(1, Ordering::Relaxed);
+                self.stats.sealed_bytes.fetch_add(bytes, Ordering::Relaxed);
+                tracing::debug!(entry = i, %key, bytes, pointers, "sealed a file for passthrough");
+            }
+            Ok(Sealed::Present | Sealed::Missing) => {}
+            Err(e) => {
+                tracing::warn!(entry = i, error = %e, "cannot seal a file into the node store")
+            }
+        }
+    }
+
+    /// Wait (bounded) until the sealer has nothing left to do.
+    fn drain_seals(&self, max: Duration) {
+        let deadline = Instant::now() + max;
+        let mut q = self.seals.lock().unwrap_or_else(|e| e.into_inner());
+        while !q.closed && (q.busy || !q.todo.is_empty()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            q = self
+                .sealing
+                .wait_timeout(q, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Persist fetched chunks in batches (one filesystem sync per batch), so a reader
@@ -362,6 +503,13 @@ impl Fetcher {
     /// far are in the node store.
     pub fn close(&self) {
         self.flush(Duration::from_secs(30));
+        self.drain_seals(Duration::from_secs(60));
+        {
+            let mut q = self.seals.lock().unwrap_or_else(|e| e.into_inner());
+            q.closed = true;
+            q.todo.clear();
+            self.sealing.notify_all();
+        }
         self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         q.closed = true;
@@ -400,6 +548,12 @@ impl Fetcher {
         let queued = self.queued_jobs() + self.busy.load(Ordering::SeqCst);
         let flights = self.flights.lock().unwrap_or_else(|e| e.into_inner()).len();
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let sealing = {
+            let q = self.seals.lock().unwrap_or_else(|e| e.into_inner());
+            q.todo.len() + q.busy as usize
+        };
+        let queued = queued + sealing;
+        v["files_to_seal"] = sealing.into();
         v["queued_jobs"] = queued.into();
         v["chunks_in_flight"] = flights.into();
         v["chunks_being_cached"] = pending.into();
@@ -614,13 +768,7 @@ impl Fetcher {
             if !seen.insert(c) {
                 continue;
             }
-            let pending = self
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&c)
-                .cloned();
-            if let Some(d) = pending.or_else(|| self.recent(c)) {
+            if let Some(d) = self.in_memory(c) {
                 self.stats
                     .chunks_from_memory
                     .fetch_add(1, Ordering::Relaxed);

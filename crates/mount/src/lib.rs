@@ -10,13 +10,21 @@
 //!   or cached. A chunk that cannot be fetched or verified fails that read with EIO.
 //! * The image never changes, so the kernel may cache entries, attributes and data for
 //!   long (`keep_cache`).
+//! * Passthrough: a large file whose content the node store holds sealed (written out
+//!   whole after every chunk of it was verified, see [`store::NodeStore::seal`]) is
+//!   opened with FUSE passthrough, so the kernel reads and maps the sealed file directly,
+//!   at the speed of the store's own filesystem. A large file read through the daemon is
+//!   sealed in the background when its last open closes, if all its chunks are here.
+//!   The kernel allows one mode per inode at a time: while a file is open through the
+//!   daemon, new opens of it go through the daemon too.
 
 pub mod fetch;
+pub mod profile;
 pub mod store;
 
 use fetch::{Failure, Fetcher, Priority};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
@@ -25,9 +33,11 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tessera_format::index::{FileMap, Meta, Node};
+use tessera_format::index::{FileData, FileMap, Meta, Node};
+use tessera_format::Digest;
 use tessera_image::TesseraImage;
 
 /// Kernel cache lifetime of entries and attributes: the image is immutable.
@@ -62,6 +72,18 @@ pub enum MountError {
     },
 }
 
+/// (parent entry, name) → entry.
+type Names = HashMap<(u32, Vec<u8>), u32>;
+
+/// Queues a profile's chunks for prefetching; usable from any thread while the mount
+/// is served (e.g. once a profile arrives from the registry).
+#[derive(Clone)]
+pub struct Prefetcher {
+    image: Arc<TesseraImage>,
+    names: Arc<Names>,
+    fetcher: Arc<Fetcher>,
+}
+
 /// Per-file state of readers (for readahead).
 #[derive(Default, Clone, Copy)]
 struct Cursor {
@@ -81,14 +103,41 @@ pub struct ImageFs {
     /// Children (entry numbers) of every directory entry, in index order.
     children: Vec<Vec<u32>>,
     /// (parent entry, name) → entry.
-    names: HashMap<(u32, Vec<u8>), u32>,
+    names: Arc<Names>,
     /// Link count of every inode entry.
     nlink: Vec<u32>,
     maps: Mutex<HashMap<u32, Arc<FileMap>>>,
     cursors: Mutex<HashMap<u32, Cursor>>,
     /// `--record-profile`: files in the order they were first read.
     profile: Option<Mutex<Profile>>,
+    /// Files of at least this many bytes are sealed and opened with passthrough (None:
+    /// every read goes through the daemon).
+    passthrough_min: Option<u64>,
+    /// Whether the kernel agreed to passthrough (and it has not failed since).
+    passthrough_ok: AtomicBool,
+    opens: Mutex<Opens>,
 }
+
+/// Open files, for FUSE passthrough's rule of one mode per inode at a time.
+#[derive(Default)]
+struct Opens {
+    next_fh: u64,
+    /// File handle → (inode entry, the backing file it was opened with).
+    handles: HashMap<u64, (u32, Option<Arc<BackingId>>)>,
+    by_entry: HashMap<u32, EntryOpens>,
+}
+
+#[derive(Default)]
+struct EntryOpens {
+    /// Opens served by the daemon.
+    cached: u32,
+    /// Opens passed through to `backing` (the same one for every open of the inode).
+    passthrough: u32,
+    backing: Option<Arc<BackingId>>,
+}
+
+/// Default smallest file opened with passthrough: smaller ones are a read or two.
+pub const PASSTHROUGH_MIN: u64 = 1 << 20;
 
 /// A read profile being recorded: a line `K N PATH` says chunks K..K+N of the file at
 /// PATH were first read here, in this order (a line with only a path means the whole
@@ -126,75 +175,7 @@ fn time(secs: i64, nsec: u32) -> SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
-impl ImageFs {
-    pub fn new(fetcher: Arc<Fetcher>, image: Arc<TesseraImage>, readahead: u64) -> ImageFs {
-        let n = image.index.entries.len();
-        let mut children = vec![Vec::new(); n];
-        let mut names = HashMap::with_capacity(n);
-        let mut nlink = vec![0u32; n];
-        for (i, e) in image.index.entries.iter().enumerate().skip(1) {
-            children[e.parent as usize].push(i as u32);
-            names.insert((e.parent, e.name.clone()), i as u32);
-        }
-        for (i, e) in image.index.entries.iter().enumerate() {
-            match &e.node {
-                Node::Dir(_) => {
-                    let subdirs = children[i]
-                        .iter()
-                        .filter(|&&c| matches!(image.index.entries[c as usize].node, Node::Dir(_)))
-                        .count();
-                    nlink[i] = 2 + subdirs as u32;
-                }
-                Node::HardLink(t) => nlink[*t as usize] += 1,
-                _ => nlink[i] += 1,
-            }
-        }
-        ImageFs {
-            image,
-            fetcher,
-            readahead,
-            kernel_readahead: 128 << 10,
-            children,
-            names,
-            nlink,
-            maps: Mutex::new(HashMap::new()),
-            cursors: Mutex::new(HashMap::new()),
-            profile: None,
-        }
-    }
-
-    /// Set the kernel's readahead (bytes, a multiple of the page size).
-    pub fn set_kernel_readahead(&mut self, bytes: u32) {
-        self.kernel_readahead = bytes.max(4096);
-    }
-
-    /// Append the path of every file to `path` when it is first read.
-    pub fn record_profile(&mut self, path: &Path) -> Result<(), MountError> {
-        let out = std::fs::File::create(path).map_err(|source| MountError::Profile {
-            path: path.display().to_string(),
-            source,
-        })?;
-        self.profile = Some(Mutex::new(Profile {
-            out: std::io::BufWriter::new(out),
-            seen: vec![false; self.image.index.chunks.len()],
-        }));
-        Ok(())
-    }
-
-    /// The path (from the root, without a leading slash) of entry `i`.
-    pub fn path_of(&self, mut i: usize) -> Vec<u8> {
-        let mut parts = Vec::new();
-        while i != 0 {
-            let Some(e) = self.image.index.entries.get(i) else {
-                break;
-            };
-            parts.push(e.name.as_slice());
-            i = e.parent as usize;
-        }
-        parts.reverse();
-        parts.join(&b'/')
-    }
-
+impl Prefetcher {
     /// The entry at `path` (components separated by `/`), following no links.
     pub fn lookup_path(&self, path: &[u8]) -> Option<u32> {
         let mut cur = 0u32;
@@ -254,6 +235,210 @@ impl ImageFs {
         }
         queued
     }
+}
+
+impl ImageFs {
+    pub fn new(fetcher: Arc<Fetcher>, image: Arc<TesseraImage>, readahead: u64) -> ImageFs {
+        let n = image.index.entries.len();
+        let mut children = vec![Vec::new(); n];
+        let mut names = HashMap::with_capacity(n);
+        let mut nlink = vec![0u32; n];
+        for (i, e) in image.index.entries.iter().enumerate().skip(1) {
+            children[e.parent as usize].push(i as u32);
+            names.insert((e.parent, e.name.clone()), i as u32);
+        }
+        for (i, e) in image.index.entries.iter().enumerate() {
+            match &e.node {
+                Node::Dir(_) => {
+                    let subdirs = children[i]
+                        .iter()
+                        .filter(|&&c| matches!(image.index.entries[c as usize].node, Node::Dir(_)))
+                        .count();
+                    nlink[i] = 2 + subdirs as u32;
+                }
+                Node::HardLink(t) => nlink[*t as usize] += 1,
+                _ => nlink[i] += 1,
+            }
+        }
+        ImageFs {
+            image,
+            fetcher,
+            readahead,
+            kernel_readahead: 128 << 10,
+            children,
+            names: Arc::new(names),
+            nlink,
+            maps: Mutex::new(HashMap::new()),
+            cursors: Mutex::new(HashMap::new()),
+            profile: None,
+            passthrough_min: Some(PASSTHROUGH_MIN),
+            passthrough_ok: AtomicBool::new(false),
+            opens: Mutex::new(Opens::default()),
+        }
+    }
+
+    /// Seal files of at least `min` bytes and open them with passthrough (None: never;
+    /// every read goes through the daemon and is verified there).
+    pub fn set_passthrough(&mut self, min: Option<u64>) {
+        self.passthrough_min = min.map(|m| m.max(1));
+    }
+
+    /// The sealed-file key of file entry `i`, if it is large enough to be sealed.
+    fn seal_key(&self, i: usize) -> Option<Digest> {
+        let min = self.passthrough_min?;
+        let Node::File(_, f) = &self.image.index.entries.get(i)?.node else {
+            return None;
+        };
+        (f.size >= min).then(|| self.key_of(f)).flatten()
+    }
+
+    fn key_of(&self, f: &FileData) -> Option<Digest> {
+        let chunks = &self.image.index.chunks;
+        let ids: Option<Vec<&Digest>> = f
+            .chunks
+            .iter()
+            .map(|&c| chunks.get(c as usize).map(|l| &l.id))
+            .collect();
+        Some(store::file_key(ids?))
+    }
+
+    /// Keys of every file this mount would seal (pinned with the chunks while mounted).
+    pub fn sealed_keys(&self) -> Vec<Digest> {
+        let Some(min) = self.passthrough_min else {
+            return Vec::new();
+        };
+        self.image
+            .index
+            .entries
+            .iter()
+            .filter_map(|e| match &e.node {
+                Node::File(_, f) if f.size >= min => self.key_of(f),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Answer an open: passthrough to the sealed file when there is one and no open of
+    /// the inode goes through the daemon; else through the daemon.
+    fn open_file(&self, i: usize, reply: ReplyOpen) {
+        let key = if self.passthrough_ok.load(Ordering::Relaxed) {
+            self.seal_key(i)
+        } else {
+            None
+        };
+        let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
+        opens.next_fh += 1;
+        let fh = opens.next_fh;
+        let st = opens.by_entry.entry(i as u32).or_default();
+        if let Some(key) = key.filter(|_| st.cached == 0) {
+            let backing = match &st.backing {
+                Some(b) => Some(b.clone()),
+                None => self.fetcher.store().open_sealed(&key).and_then(|f| {
+                    match reply.open_backing(&f) {
+                        Ok(b) => Some(Arc::new(b)),
+                        Err(e) => {
+                            // E.g. a store on a stacked filesystem: not again.
+                            tracing::warn!(error = %e, "the kernel refused a passthrough file; every read goes through the daemon from now on");
+                            self.passthrough_ok.store(false, Ordering::Relaxed);
+                            None
+                        }
+                    }
+                }),
+            };
+            if let Some(b) = backing {
+                st.backing = Some(b.clone());
+                st.passthrough += 1;
+                opens.handles.insert(fh, (i as u32, Some(b.clone())));
+                self.fetcher
+                    .stats
+                    .passthrough_opens
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
+            }
+        }
+        st.cached += 1;
+        opens.handles.insert(fh, (i as u32, None));
+        // Verified, immutable data: let the kernel keep its page cache across opens.
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+    }
+
+    fn release_file(&self, fh: u64) {
+        let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((i, backing)) = opens.handles.remove(&fh) else {
+            return;
+        };
+        let Some(st) = opens.by_entry.get_mut(&i) else {
+            return;
+        };
+        if backing.is_some() {
+            st.passthrough = st.passthrough.saturating_sub(1);
+            if st.passthrough == 0 {
+                st.backing = None;
+            }
+        } else {
+            st.cached = st.cached.saturating_sub(1);
+            if st.cached == 0
+                && self.passthrough_ok.load(Ordering::Relaxed)
+                && self.seal_key(i as usize).is_some()
+            {
+                self.fetcher.request_seal(i);
+            }
+        }
+        if st.cached == 0 && st.passthrough == 0 {
+            opens.by_entry.remove(&i);
+        }
+    }
+
+    /// Set the kernel's readahead (bytes, a multiple of the page size).
+    pub fn set_kernel_readahead(&mut self, bytes: u32) {
+        self.kernel_readahead = bytes.max(4096);
+    }
+
+    /// Append the path of every file to `path` when it is first read.
+    pub fn record_profile(&mut self, path: &Path) -> Result<(), MountError> {
+        let out = std::fs::File::create(path).map_err(|source| MountError::Profile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.profile = Some(Mutex::new(Profile {
+            out: std::io::BufWriter::new(out),
+            seen: vec![false; self.image.index.chunks.len()],
+        }));
+        Ok(())
+    }
+
+    /// The path (from the root, without a leading slash) of entry `i`.
+    pub fn path_of(&self, mut i: usize) -> Vec<u8> {
+        let mut parts = Vec::new();
+        while i != 0 {
+            let Some(e) = self.image.index.entries.get(i) else {
+                break;
+            };
+            parts.push(e.name.as_slice());
+            i = e.parent as usize;
+        }
+        parts.reverse();
+        parts.join(&b'/')
+    }
+
+    /// The entry at `path` (components separated by `/`), following no links.
+    pub fn lookup_path(&self, path: &[u8]) -> Option<u32> {
+        self.prefetcher().lookup_path(path)
+    }
+
+    /// See [`Prefetcher::prefetch`].
+    pub fn prefetch(&self, profile: &[u8], whole: bool) -> usize {
+        self.prefetcher().prefetch(profile, whole)
+    }
+
+    /// A handle that queues prefetches for this mount from any thread.
+    pub fn prefetcher(&self) -> Prefetcher {
+        Prefetcher {
+            image: self.image.clone(),
+            names: self.names.clone(),
+            fetcher: self.fetcher.clone(),
+        }
+    }
 
     /// The inode entry behind an inode number.
     fn entry(&self, ino: INodeNo) -> Option<usize> {
@@ -307,7 +492,7 @@ impl ImageFs {
     }
 
     /// Queue the next `readahead` bytes of a file read sequentially.
-    fn read_ahead(&self, i: usize, offset: u64, end: u64, f: &tessera_format::index::FileData) {
+    fn read_ahead(&self, i: usize, offset: u64, end: u64, f: &FileData) {
         if self.readahead == 0 || end >= f.size {
             return;
         }
@@ -355,7 +540,7 @@ impl ImageFs {
     }
 
     /// Record chunks `first..first+n` of file `i` in the profile, if not yet recorded.
-    fn note_read(&self, i: usize, f: &tessera_format::index::FileData, first: usize, n: usize) {
+    fn note_read(&self, i: usize, f: &FileData, first: usize, n: usize) {
         let Some(p) = &self.profile else { return };
         let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
         let path = self.path_of(i);
@@ -476,6 +661,20 @@ impl Filesystem for ImageFs {
         ] {
             let _ = config.add_capabilities(cap);
         }
+        if self.passthrough_min.is_some() {
+            // Depth 1: backing files on a plain filesystem, and room for an overlay on
+            // top of this mount (--writable).
+            let ok = config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::info!(
+                    "the kernel offers no FUSE passthrough: every read goes through the daemon"
+                );
+            }
+            self.passthrough_ok.store(ok, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -515,10 +714,23 @@ impl Filesystem for ImageFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.entry(ino) {
-            // Verified, immutable data: let the kernel keep its page cache across opens.
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Some(i) => self.open_file(i, reply),
             None => reply.error(Errno::ENOENT),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.release_file(fh.0);
+        reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

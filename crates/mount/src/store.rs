@@ -10,19 +10,88 @@
 //!   mounted where, and the mount's counters); a pin whose process is gone is stale.
 //! * An optional read-only shared tier (same layout, e.g. on NFS) is consulted before the
 //!   network; its chunks are verified like local ones and never modified.
+//! * Sealed files: once every chunk of a large regular file is here, the file's whole
+//!   content is written out contiguously as `DIR/files/<2 hex>/<key>` (the key names the
+//!   file's chunk list, see [`file_key`]) with its chunk list beside it (`<key>.ids`),
+//!   so the kernel can read it directly (FUSE passthrough). Its chunk files are then
+//!   replaced by 48-byte pointers into it (magic, key, offset, length): the bytes are on
+//!   disk once, and chunk lookups by id still find them (verified, as always). A sealed
+//!   file, its list and the pointers into it are evicted together.
 
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+use tessera_format::digest::Hasher;
 use tessera_format::Digest;
 
 /// A hit refreshes a chunk's mtime (its LRU age) at most this often.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+/// Sealed files live under `DIR/files`.
+const FILES: &str = "files";
+/// Extension of a sealed file's chunk list: (sha256, u32 LE length) per chunk.
+const IDS_EXT: &str = "ids";
+const POINTER_MAGIC: [u8; 4] = *b"TSP1";
+/// A pointer: magic, key of the sealed file, offset (u64 LE), length (u32 LE).
+pub const POINTER_LEN: usize = 48;
+
+/// The name of the sealed file holding a regular file's content: sha256 over a domain tag
+/// and the file's chunk ids, in order (the ids determine the content).
+pub fn file_key<'a>(ids: impl IntoIterator<Item = &'a Digest>) -> Digest {
+    let mut h = Hasher::new();
+    h.update(b"tessera node-store file v1\n");
+    for id in ids {
+        h.update(&id.0);
+    }
+    h.finish()
+}
+
+/// Where a chunk's bytes are inside a sealed file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pointer {
+    key: Digest,
+    offset: u64,
+    len: u32,
+}
+
+impl Pointer {
+    fn encode(&self) -> [u8; POINTER_LEN] {
+        let mut b = [0u8; POINTER_LEN];
+        b[..4].copy_from_slice(&POINTER_MAGIC);
+        b[4..36].copy_from_slice(&self.key.0);
+        b[36..44].copy_from_slice(&self.offset.to_le_bytes());
+        b[44..48].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    fn parse(b: &[u8]) -> Option<Pointer> {
+        if b.len() != POINTER_LEN || b[..4] != POINTER_MAGIC {
+            return None;
+        }
+        Some(Pointer {
+            key: Digest(b[4..36].try_into().ok()?),
+            offset: u64::from_le_bytes(b[36..44].try_into().ok()?),
+            len: u32::from_le_bytes(b[44..48].try_into().ok()?),
+        })
+    }
+}
+
+/// What [`NodeStore::seal`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sealed {
+    /// Written now: bytes of the sealed file, chunk files turned into pointers.
+    Written { bytes: u64, pointers: u64 },
+    /// The store (or the shared tier) already had it.
+    Present,
+    /// Some chunk is not here (nothing was written).
+    Missing,
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct StoreOptions {
@@ -56,19 +125,31 @@ pub struct StoreCounters {
     pub corrupt_dropped: AtomicU64,
     pub evicted_chunks: AtomicU64,
     pub evicted_bytes: AtomicU64,
+    pub sealed_files: AtomicU64,
+    pub sealed_bytes: AtomicU64,
 }
 
 /// A summary of the store (`tessera cache stats`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoreStats {
     pub dir: String,
+    /// Chunks held: chunk files plus pointers into sealed files.
     pub chunks: u64,
+    /// Bytes on disk: chunk files, pointers, sealed files and their chunk lists.
     pub bytes: u64,
     pub pinned_chunks: u64,
     pub pinned_bytes: u64,
     pub temp_files: u64,
     pub mounts: Vec<MountInfo>,
     pub stale_pins: u64,
+    /// Sealed files (whole file contents, read by the kernel directly).
+    #[serde(default)]
+    pub sealed_files: u64,
+    #[serde(default)]
+    pub sealed_bytes: u64,
+    /// Of `chunks`, how many are pointers into sealed files.
+    #[serde(default)]
+    pub pointers: u64,
 }
 
 /// What a mount publishes about itself beside its pin.
@@ -86,32 +167,61 @@ pub struct MountInfo {
 /// What a garbage collection or verification did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GcReport {
+    /// Chunks no longer held (chunk files, and pointers of evicted sealed files).
     pub removed_chunks: u64,
     pub removed_bytes: u64,
+    pub removed_sealed_files: u64,
     pub kept_chunks: u64,
     pub kept_bytes: u64,
+    /// Of `kept_chunks`, those a mounted image uses.
     pub pinned_kept: u64,
     pub stale_pins_removed: u64,
     pub temp_files_removed: u64,
+    /// Pointers whose sealed file was gone, and chunk lists without their file.
+    pub dangling_removed: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VerifyReport {
+    /// Chunk files and pointers checked, and their bytes (pointers: the bytes they name).
     pub checked: u64,
     pub bytes: u64,
     pub corrupt_removed: Vec<String>,
     pub misplaced_removed: Vec<String>,
+    /// Sealed files checked (every chunk against the file's list).
+    pub sealed_checked: u64,
+    pub corrupt_sealed_removed: Vec<String>,
+    pub dangling_removed: u64,
 }
 
 /// A pin of a live process: its base path (without extension) and what it publishes.
 type LivePin = (PathBuf, MountInfo);
 
-/// One chunk file found by a walk of the store.
+/// What a file found by a walk of the store is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chunk(Digest),
+    Pointer(Digest, Pointer),
+    /// A file in a chunk directory whose name is not a chunk id.
+    Misplaced,
+}
+
+/// One file found by a walk of the chunk directories.
 struct ChunkFile {
     path: PathBuf,
-    id: Option<Digest>,
+    kind: Kind,
     len: u64,
     mtime: SystemTime,
+}
+
+/// One sealed file found by a walk of `files/`.
+struct SealedFile {
+    key: Digest,
+    path: PathBuf,
+    /// Bytes of the file plus its chunk list.
+    len: u64,
+    mtime: SystemTime,
+    has_ids: bool,
 }
 
 fn is_hex(s: &str) -> bool {
@@ -120,6 +230,25 @@ fn is_hex(s: &str) -> bool {
 
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// LRU age: a hit makes the file young again (cheaply: at most once a minute).
+fn touch(f: &File) {
+    let stale = f
+        .metadata()
+        .and_then(|m| m.modified())
+        .map(|t| t.elapsed().unwrap_or_default() > TOUCH_EVERY)
+        .unwrap_or(false);
+    if stale {
+        let _ = f.set_modified(SystemTime::now());
+    }
+}
+
+fn old_enough(e: &fs::DirEntry) -> bool {
+    e.metadata()
+        .and_then(|m| m.modified())
+        .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(600))
+        .unwrap_or(true)
 }
 
 impl NodeStore {
@@ -133,12 +262,7 @@ impl NodeStore {
         // Temp files of a writer that died are never referenced. Another live process
         // may be writing one right now: only remove files nobody touched for a while.
         for e in fs::read_dir(dir.join("tmp"))?.flatten() {
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(600))
-                .unwrap_or(true);
-            if old {
+            if old_enough(&e) {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -149,8 +273,9 @@ impl NodeStore {
             pins: Mutex::new(Vec::new()),
         };
         if store.opts.quota.is_some() {
-            let total = store.walk()?.iter().map(|c| c.len).sum();
-            store.state.bytes.store(total, Ordering::Relaxed);
+            let chunks: u64 = store.walk()?.iter().map(|c| c.len).sum();
+            let sealed: u64 = store.walk_sealed()?.iter().map(|c| c.len).sum();
+            store.state.bytes.store(chunks + sealed, Ordering::Relaxed);
         }
         Ok(store)
     }
@@ -168,6 +293,11 @@ impl NodeStore {
         NodeStore::path_in(&self.dir, id)
     }
 
+    fn sealed_path_in(dir: &Path, key: &Digest) -> PathBuf {
+        let h = key.hex();
+        dir.join(FILES).join(&h[..2]).join(h)
+    }
+
     /// Whether the local store has a file for the chunk (not verified).
     pub fn contains(&self, id: &Digest) -> bool {
         self.path(id).exists()
@@ -178,54 +308,269 @@ impl NodeStore {
                 .is_some_and(|s| NodeStore::path_in(s, id).exists())
     }
 
-    fn read_verified(&self, p: &Path, id: &Digest, local: bool) -> Option<Vec<u8>> {
-        let mut f = File::open(p).ok()?;
+    fn sub_bytes(&self, n: u64) {
+        let _ = self
+            .state
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(n))
+            });
+    }
+
+    /// A chunk's verified bytes from the tier rooted at `base` (local or shared).
+    fn read_in(&self, base: &Path, id: &Digest, local: bool) -> Option<Vec<u8>> {
+        let p = NodeStore::path_in(base, id);
+        let mut f = File::open(&p).ok()?;
         let mut buf = Vec::new();
         f.read_to_end(&mut buf).ok()?;
-        if Digest::of(&buf) != *id {
-            self.state
-                .counters
-                .corrupt_dropped
-                .fetch_add(1, Ordering::Relaxed);
+        if Digest::of(&buf) == *id {
             if local {
-                tracing::warn!(chunk = %id, path = %p.display(), "corrupt chunk in the node store; removed, will refetch");
-                let _ = fs::remove_file(p);
-                self.state.bytes.fetch_sub(
-                    (buf.len() as u64).min(self.state.bytes.load(Ordering::Relaxed)),
-                    Ordering::Relaxed,
-                );
-            } else {
-                tracing::warn!(chunk = %id, path = %p.display(), "corrupt chunk in the shared tier; ignored");
+                touch(&f);
+            }
+            return Some(buf);
+        }
+        if let Some(ptr) = Pointer::parse(&buf) {
+            return self.read_pointed(base, &p, id, &ptr, local);
+        }
+        self.state
+            .counters
+            .corrupt_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        if local {
+            tracing::warn!(chunk = %id, path = %p.display(), "corrupt chunk in the node store; removed, will refetch");
+            if fs::remove_file(&p).is_ok() {
+                self.sub_bytes(buf.len() as u64);
+            }
+        } else {
+            tracing::warn!(chunk = %id, path = %p.display(), "corrupt chunk in the shared tier; ignored");
+        }
+        None
+    }
+
+    /// Follow a pointer into a sealed file; a pointer whose file is gone is removed, a
+    /// sealed file whose bytes do not match is removed with it.
+    fn read_pointed(
+        &self,
+        base: &Path,
+        ptr_path: &Path,
+        id: &Digest,
+        ptr: &Pointer,
+        local: bool,
+    ) -> Option<Vec<u8>> {
+        let sp = NodeStore::sealed_path_in(base, &ptr.key);
+        let Ok(f) = File::open(&sp) else {
+            // Evicted: the pointer is stale.
+            if local && fs::remove_file(ptr_path).is_ok() {
+                self.sub_bytes(POINTER_LEN as u64);
             }
             return None;
+        };
+        let mut buf = vec![0u8; ptr.len as usize];
+        if f.read_exact_at(&mut buf, ptr.offset).is_ok() && Digest::of(&buf) == *id {
+            if local {
+                touch(&f);
+            }
+            return Some(buf);
         }
+        self.state
+            .counters
+            .corrupt_dropped
+            .fetch_add(1, Ordering::Relaxed);
         if local {
-            // LRU age: a hit makes the chunk young again (cheaply: at most once a minute).
-            let stale = f
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| t.elapsed().unwrap_or_default() > TOUCH_EVERY)
-                .unwrap_or(false);
-            if stale {
-                let _ = f.set_modified(SystemTime::now());
+            tracing::warn!(chunk = %id, sealed = %sp.display(), "corrupt sealed file in the node store; removed, will refetch");
+            self.remove_sealed(&sp);
+            if fs::remove_file(ptr_path).is_ok() {
+                self.sub_bytes(POINTER_LEN as u64);
+            }
+        } else {
+            tracing::warn!(chunk = %id, sealed = %sp.display(), "corrupt sealed file in the shared tier; ignored");
+        }
+        None
+    }
+
+    /// Remove a sealed file and its chunk list (their pointers dangle and go lazily).
+    fn remove_sealed(&self, p: &Path) {
+        let mut n = 0;
+        for q in [p.to_path_buf(), p.with_extension(IDS_EXT)] {
+            let len = fs::metadata(&q).map(|m| m.len()).unwrap_or(0);
+            if fs::remove_file(&q).is_ok() {
+                n += len;
             }
         }
-        Some(buf)
+        self.sub_bytes(n);
     }
 
     /// The chunk's bytes if the store (or the shared tier) holds a verified copy.
     pub fn get(&self, id: &Digest) -> Option<Vec<u8>> {
-        if let Some(b) = self.read_verified(&self.path(id), id, true) {
+        if let Some(b) = self.read_in(&self.dir, id, true) {
             self.state.counters.hits.fetch_add(1, Ordering::Relaxed);
             return Some(b);
         }
         let shared = self.opts.shared.as_deref()?;
-        let b = self.read_verified(&NodeStore::path_in(shared, id), id, false)?;
+        let b = self.read_in(shared, id, false)?;
         self.state
             .counters
             .shared_hits
             .fetch_add(1, Ordering::Relaxed);
         Some(b)
+    }
+
+    /// The sealed file `key`, opened for reading (local first, then the shared tier).
+    /// Its bytes were verified chunk by chunk when it was sealed.
+    pub fn open_sealed(&self, key: &Digest) -> Option<File> {
+        if let Ok(f) = File::open(NodeStore::sealed_path_in(&self.dir, key)) {
+            touch(&f);
+            return Some(f);
+        }
+        let shared = self.opts.shared.as_deref()?;
+        File::open(NodeStore::sealed_path_in(shared, key)).ok()
+    }
+
+    /// Whether the store or the shared tier has the sealed file `key`.
+    pub fn has_sealed(&self, key: &Digest) -> bool {
+        NodeStore::sealed_path_in(&self.dir, key).exists()
+            || self
+                .opts
+                .shared
+                .as_deref()
+                .is_some_and(|s| NodeStore::sealed_path_in(s, key).exists())
+    }
+
+    /// Write the sealed file `key` from `chunks` (id, length), in order, taking each
+    /// chunk from `mem` (by position) or else from the store (verified): nothing is
+    /// fetched. Then the chunk files become pointers into it.
+    pub fn seal(
+        &self,
+        key: &Digest,
+        chunks: &[(Digest, u32)],
+        mem: &dyn Fn(usize) -> Option<Arc<[u8]>>,
+    ) -> io::Result<Sealed> {
+        if self.has_sealed(key) {
+            return Ok(Sealed::Present);
+        }
+        let final_path = NodeStore::sealed_path_in(&self.dir, key);
+        let (tmp, f) = tempfile_in(&self.dir.join("tmp"))?;
+        let (ids_tmp, ids_f) = match tempfile_in(&self.dir.join("tmp")) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let cleanup = || {
+            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(&ids_tmp);
+        };
+        let mut out = io::BufWriter::with_capacity(1 << 20, f);
+        let mut list = Vec::with_capacity(chunks.len() * 36);
+        let mut offsets = Vec::with_capacity(chunks.len());
+        let mut offset = 0u64;
+        for (k, (id, len)) in chunks.iter().enumerate() {
+            let data = match mem(k) {
+                Some(d) => d,
+                None => match self.get(id) {
+                    Some(b) => b.into(),
+                    None => {
+                        cleanup();
+                        return Ok(Sealed::Missing);
+                    }
+                },
+            };
+            if data.len() != *len as usize {
+                cleanup();
+                return Ok(Sealed::Missing);
+            }
+            if let Err(e) = out.write_all(&data) {
+                cleanup();
+                return Err(e);
+            }
+            list.extend_from_slice(&id.0);
+            list.extend_from_slice(&len.to_le_bytes());
+            offsets.push(offset);
+            offset += *len as u64;
+        }
+        let written = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| {
+                f.sync_data()?;
+                f.set_permissions(fs::Permissions::from_mode(0o444))
+            })
+            .and_then(|_| {
+                let mut g = ids_f;
+                g.write_all(&list)?;
+                g.sync_data()
+            })
+            .and_then(|_| fs::create_dir_all(final_path.parent().unwrap_or(&self.dir)))
+            // The list first: a sealed file is never without its list.
+            .and_then(|_| fs::rename(&ids_tmp, final_path.with_extension(IDS_EXT)))
+            .and_then(|_| fs::rename(&tmp, &final_path));
+        if let Err(e) = written {
+            cleanup();
+            let _ = fs::remove_file(final_path.with_extension(IDS_EXT));
+            return Err(e);
+        }
+        let sealed_bytes = offset + list.len() as u64;
+        self.state.bytes.fetch_add(sealed_bytes, Ordering::Relaxed);
+        self.state
+            .counters
+            .sealed_files
+            .fetch_add(1, Ordering::Relaxed);
+        self.state
+            .counters
+            .sealed_bytes
+            .fetch_add(offset, Ordering::Relaxed);
+        // Chunk files → pointers (the first place of a chunk repeated in the file).
+        let mut staged = Vec::new();
+        let mut seen = HashSet::new();
+        for ((id, len), off) in chunks.iter().zip(&offsets) {
+            if *len as usize <= POINTER_LEN || !seen.insert(*id) {
+                continue;
+            }
+            let p = self.path(id);
+            if !fs::metadata(&p).is_ok_and(|m| m.is_file() && m.len() == *len as u64) {
+                continue;
+            }
+            let ptr = Pointer {
+                key: *key,
+                offset: *off,
+                len: *len,
+            };
+            match tempfile_in(&self.dir.join("tmp")) {
+                Ok((t, mut g)) => {
+                    if g.write_all(&ptr.encode()).is_ok() {
+                        staged.push((t, p, *len as u64));
+                    } else {
+                        let _ = fs::remove_file(&t);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let synced =
+            File::open(&self.dir).and_then(|d| rustix::fs::syncfs(&d).map_err(io::Error::from));
+        let mut pointers = 0;
+        for (t, p, len) in staged {
+            if synced.is_ok() && fs::rename(&t, &p).is_ok() {
+                pointers += 1;
+                self.sub_bytes(len - POINTER_LEN as u64);
+            } else {
+                let _ = fs::remove_file(&t);
+            }
+        }
+        self.check_quota();
+        Ok(Sealed::Written {
+            bytes: offset,
+            pointers,
+        })
+    }
+
+    fn check_quota(&self) {
+        if let Some(q) = self.opts.quota {
+            if self.state.bytes.load(Ordering::Relaxed) > q {
+                self.evict_in_background(q);
+            }
+        }
     }
 
     /// Store verified bytes (the caller checked `Digest::of(data) == id`).
@@ -245,16 +590,10 @@ impl NodeStore {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        let total = self
-            .state
+        self.state
             .bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed)
-            + data.len() as u64;
-        if let Some(q) = self.opts.quota {
-            if total > q {
-                self.evict_in_background(q);
-            }
-        }
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.check_quota();
         Ok(())
     }
 
@@ -311,16 +650,13 @@ impl NodeStore {
                 }
             }
         }
-        let total = self.state.bytes.fetch_add(added, Ordering::Relaxed) + added;
-        if let Some(q) = self.opts.quota {
-            if total > q {
-                self.evict_in_background(q);
-            }
-        }
+        self.state.bytes.fetch_add(added, Ordering::Relaxed);
+        self.check_quota();
         result
     }
 
-    /// Keep `ids` from eviction while this process lives; `info` is published beside.
+    /// Keep `ids` (chunk ids and sealed-file keys) from eviction while this process
+    /// lives; `info` is published beside.
     pub fn pin(&self, ids: &[Digest], info: &MountInfo) -> io::Result<PathBuf> {
         let mounts = self.dir.join("mounts");
         fs::create_dir_all(&mounts)?;
@@ -402,7 +738,7 @@ impl NodeStore {
         set
     }
 
-    /// Every chunk file of the local store.
+    /// Every file of the local store's chunk directories (pointers read and parsed).
     fn walk(&self) -> io::Result<Vec<ChunkFile>> {
         let mut out = Vec::new();
         for sub in fs::read_dir(&self.dir)?.flatten() {
@@ -421,9 +757,19 @@ impl NodeStore {
                     .to_str()
                     .filter(|n| n.len() == 64 && n.starts_with(name))
                     .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok());
+                let kind = match id {
+                    None => Kind::Misplaced,
+                    Some(id) if m.len() == POINTER_LEN as u64 => {
+                        match fs::read(f.path()).ok().and_then(|b| Pointer::parse(&b)) {
+                            Some(p) => Kind::Pointer(id, p),
+                            None => Kind::Chunk(id),
+                        }
+                    }
+                    Some(id) => Kind::Chunk(id),
+                };
                 out.push(ChunkFile {
                     path: f.path(),
-                    id,
+                    kind,
                     len: m.len(),
                     mtime: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                 });
@@ -432,8 +778,64 @@ impl NodeStore {
         Ok(out)
     }
 
+    /// Every sealed file of the local store, and stray files under `files/` (chunk lists
+    /// without their file, foreign names).
+    fn walk_sealed(&self) -> io::Result<Vec<SealedFile>> {
+        Ok(self.walk_sealed_with_strays()?.0)
+    }
+
+    fn walk_sealed_with_strays(&self) -> io::Result<(Vec<SealedFile>, Vec<PathBuf>)> {
+        let mut files = Vec::new();
+        let mut strays = Vec::new();
+        let Ok(rd) = fs::read_dir(self.dir.join(FILES)) else {
+            return Ok((files, strays));
+        };
+        for sub in rd.flatten() {
+            if !sub.path().is_dir() {
+                continue;
+            }
+            let mut lists = HashMap::new();
+            let mut found = Vec::new();
+            for f in fs::read_dir(sub.path())?.flatten() {
+                let Ok(m) = f.metadata() else { continue };
+                let fname = f.file_name();
+                let Some(n) = fname.to_str() else {
+                    strays.push(f.path());
+                    continue;
+                };
+                let (stem, is_list) = match n.strip_suffix(".ids") {
+                    Some(s) => (s, true),
+                    None => (n, false),
+                };
+                let key = (stem.len() == 64 && is_hex(stem))
+                    .then(|| format!("sha256:{stem}").parse::<Digest>().ok())
+                    .flatten();
+                match (key, is_list) {
+                    (Some(k), true) => {
+                        lists.insert(k, (f.path(), m.len()));
+                    }
+                    (Some(k), false) if m.is_file() => found.push((k, f.path(), m)),
+                    _ => strays.push(f.path()),
+                }
+            }
+            for (key, path, m) in found {
+                let list = lists.remove(&key);
+                files.push(SealedFile {
+                    key,
+                    path,
+                    len: m.len() + list.as_ref().map_or(0, |l| l.1),
+                    mtime: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    has_ids: list.is_some(),
+                });
+            }
+            strays.extend(lists.into_values().map(|(p, _)| p));
+        }
+        Ok((files, strays))
+    }
+
     pub fn stats(&self) -> io::Result<StoreStats> {
         let files = self.walk()?;
+        let sealed = self.walk_sealed()?;
         let (live, stale) = self.pins()?;
         let pinned = self.pinned_ids(&live);
         let mut s = StoreStats {
@@ -447,12 +849,33 @@ impl NodeStore {
                 .unwrap_or(0),
             mounts: live.into_iter().map(|(_, i)| i).collect(),
             stale_pins: stale.len() as u64,
+            sealed_files: sealed.len() as u64,
+            sealed_bytes: sealed.iter().map(|f| f.len).sum(),
+            pointers: 0,
         };
-        for f in files {
-            s.chunks += 1;
+        let mut pinned_keys = HashSet::new();
+        for f in &files {
             s.bytes += f.len;
-            if f.id.is_some_and(|id| pinned.contains(&id)) {
+            let id = match f.kind {
+                Kind::Chunk(id) => id,
+                Kind::Pointer(id, p) => {
+                    s.pointers += 1;
+                    if pinned.contains(&id) {
+                        pinned_keys.insert(p.key);
+                    }
+                    id
+                }
+                Kind::Misplaced => continue,
+            };
+            s.chunks += 1;
+            if pinned.contains(&id) {
                 s.pinned_chunks += 1;
+                s.pinned_bytes += f.len;
+            }
+        }
+        for f in &sealed {
+            s.bytes += f.len;
+            if pinned.contains(&f.key) || pinned_keys.contains(&f.key) {
                 s.pinned_bytes += f.len;
             }
         }
@@ -460,7 +883,9 @@ impl NodeStore {
     }
 
     /// Evict least recently used chunks that no mounted image uses until the store holds
-    /// at most `max_bytes`; also removes stale pins and old temp files.
+    /// at most `max_bytes`; also removes stale pins, old temp files and dangling pointers.
+    /// A sealed file goes with its chunk list and every pointer into it, as one unit that
+    /// a mounted image pins when it uses any of its chunks (or the file itself).
     pub fn gc(&self, max_bytes: u64) -> io::Result<GcReport> {
         let mut r = GcReport::default();
         let (live, stale) = self.pins()?;
@@ -470,29 +895,89 @@ impl NodeStore {
             r.stale_pins_removed += 1;
         }
         for e in fs::read_dir(self.dir.join("tmp"))?.flatten() {
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(600))
-                .unwrap_or(true);
-            if old && fs::remove_file(e.path()).is_ok() {
+            if old_enough(&e) && fs::remove_file(e.path()).is_ok() {
                 r.temp_files_removed += 1;
             }
         }
         let pinned = self.pinned_ids(&live);
-        let mut files = self.walk()?;
-        let mut total: u64 = files.iter().map(|f| f.len).sum();
-        files.sort_by_key(|f| f.mtime);
-        for f in files {
-            let is_pinned = f.id.is_some_and(|id| pinned.contains(&id));
-            if total > max_bytes && !is_pinned && fs::remove_file(&f.path).is_ok() {
-                total -= f.len;
-                r.removed_chunks += 1;
-                r.removed_bytes += f.len;
-            } else {
-                r.kept_chunks += 1;
-                r.kept_bytes += f.len;
-                r.pinned_kept += is_pinned as u64;
+        let (sealed, strays) = self.walk_sealed_with_strays()?;
+        for p in strays {
+            let ours = p.extension().and_then(|x| x.to_str()) == Some(IDS_EXT);
+            if ours && fs::remove_file(&p).is_ok() {
+                r.dangling_removed += 1;
+            }
+        }
+        /// What is evicted together: paths, bytes, last use, pinned, chunks it holds.
+        struct Unit {
+            paths: Vec<PathBuf>,
+            bytes: u64,
+            mtime: SystemTime,
+            pinned: bool,
+            chunks: u64,
+            sealed: bool,
+        }
+        let mut units: Vec<Unit> = Vec::new();
+        let mut by_key: HashMap<Digest, usize> = HashMap::new();
+        for f in sealed {
+            by_key.insert(f.key, units.len());
+            units.push(Unit {
+                paths: vec![f.path.with_extension(IDS_EXT), f.path],
+                bytes: f.len,
+                mtime: f.mtime,
+                pinned: pinned.contains(&f.key),
+                chunks: 0,
+                sealed: true,
+            });
+        }
+        let mut total = 0;
+        for f in self.walk()? {
+            match f.kind {
+                Kind::Chunk(id) => units.push(Unit {
+                    paths: vec![f.path],
+                    bytes: f.len,
+                    mtime: f.mtime,
+                    pinned: pinned.contains(&id),
+                    chunks: 1,
+                    sealed: false,
+                }),
+                Kind::Pointer(id, p) => match by_key.get(&p.key) {
+                    Some(&u) => {
+                        let u = &mut units[u];
+                        // Pointers go first, so none outlives its file.
+                        u.paths.insert(0, f.path);
+                        u.bytes += f.len;
+                        u.chunks += 1;
+                        u.pinned |= pinned.contains(&id);
+                    }
+                    None => {
+                        if fs::remove_file(&f.path).is_ok() {
+                            r.dangling_removed += 1;
+                        }
+                    }
+                },
+                Kind::Misplaced => total += f.len,
+            }
+        }
+        total += units.iter().map(|u| u.bytes).sum::<u64>();
+        units.sort_by_key(|u| u.mtime);
+        for u in units {
+            if total > max_bytes && !u.pinned {
+                let mut removed = true;
+                for p in &u.paths {
+                    removed &= fs::remove_file(p).is_ok() || !p.exists();
+                }
+                if removed {
+                    total -= u.bytes;
+                    r.removed_chunks += u.chunks;
+                    r.removed_bytes += u.bytes;
+                    r.removed_sealed_files += u.sealed as u64;
+                    continue;
+                }
+            }
+            r.kept_chunks += u.chunks;
+            r.kept_bytes += u.bytes;
+            if u.pinned {
+                r.pinned_kept += u.chunks;
             }
         }
         self.state.bytes.store(total, Ordering::Relaxed);
@@ -562,26 +1047,100 @@ impl NodeStore {
         }
     }
 
-    /// Re-hash every chunk; remove the ones whose bytes do not match their name.
+    /// Check a sealed file against its chunk list: the list must hash to the file's name
+    /// and every chunk of the file to its id.
+    fn sealed_ok(f: &SealedFile) -> bool {
+        if !f.has_ids {
+            return false;
+        }
+        let Ok(list) = fs::read(f.path.with_extension(IDS_EXT)) else {
+            return false;
+        };
+        if list.len() % 36 != 0 {
+            return false;
+        }
+        let ids: Vec<(Digest, u32)> = list
+            .chunks_exact(36)
+            .filter_map(|e| {
+                Some((
+                    Digest(e[..32].try_into().ok()?),
+                    u32::from_le_bytes(e[32..].try_into().ok()?),
+                ))
+            })
+            .collect();
+        if file_key(ids.iter().map(|(id, _)| id)) != f.key {
+            return false;
+        }
+        let Ok(file) = File::open(&f.path) else {
+            return false;
+        };
+        let mut r = io::BufReader::with_capacity(1 << 20, file);
+        let mut buf = Vec::new();
+        for (id, len) in &ids {
+            buf.resize(*len as usize, 0);
+            if r.read_exact(&mut buf).is_err() || Digest::of(&buf) != *id {
+                return false;
+            }
+        }
+        // Nothing after the last chunk.
+        matches!(r.read(&mut [0u8; 1]), Ok(0))
+    }
+
+    /// Re-hash every chunk, pointer and sealed file; remove what does not match its name.
     pub fn verify(&self, progress: &dyn Fn(u64, u64)) -> io::Result<VerifyReport> {
+        let (sealed, _) = self.walk_sealed_with_strays()?;
         let files = self.walk()?;
-        let total = files.len() as u64;
+        let total = (files.len() + sealed.len()) as u64;
         let mut r = VerifyReport::default();
-        for (n, f) in files.into_iter().enumerate() {
-            progress(n as u64, total);
+        let mut n = 0;
+        // Sealed files first: pointers into a corrupt one then dangle and go too.
+        for f in sealed {
+            progress(n, total);
+            n += 1;
+            r.sealed_checked += 1;
+            if !NodeStore::sealed_ok(&f) {
+                self.remove_sealed(&f.path);
+                r.corrupt_sealed_removed.push(f.key.to_string());
+            }
+        }
+        for f in files {
+            progress(n, total);
+            n += 1;
             r.checked += 1;
-            r.bytes += f.len;
-            let Some(id) = f.id else {
-                let _ = fs::remove_file(&f.path);
-                r.misplaced_removed.push(f.path.display().to_string());
-                continue;
-            };
-            let ok = fs::read(&f.path)
-                .map(|b| Digest::of(&b) == id)
-                .unwrap_or(false);
-            if !ok {
-                let _ = fs::remove_file(&f.path);
-                r.corrupt_removed.push(id.to_string());
+            match f.kind {
+                Kind::Misplaced => {
+                    let _ = fs::remove_file(&f.path);
+                    r.misplaced_removed.push(f.path.display().to_string());
+                }
+                Kind::Chunk(id) => {
+                    r.bytes += f.len;
+                    let ok = fs::read(&f.path)
+                        .map(|b| Digest::of(&b) == id)
+                        .unwrap_or(false);
+                    if !ok {
+                        let _ = fs::remove_file(&f.path);
+                        r.corrupt_removed.push(id.to_string());
+                    }
+                }
+                Kind::Pointer(id, p) => {
+                    r.bytes += p.len as u64;
+                    let sp = NodeStore::sealed_path_in(&self.dir, &p.key);
+                    let mut buf = vec![0u8; p.len as usize];
+                    match File::open(&sp) {
+                        Err(_) => {
+                            let _ = fs::remove_file(&f.path);
+                            r.dangling_removed += 1;
+                        }
+                        Ok(s) => {
+                            let ok = s.read_exact_at(&mut buf, p.offset).is_ok()
+                                && Digest::of(&buf) == id;
+                            if !ok {
+                                let _ = fs::remove_file(&f.path);
+                                r.corrupt_removed.push(id.to_string());
+                            }
+                        }
+                    }
+                }
             }
         }
         progress(total, total);
@@ -762,5 +1321,145 @@ mod tests {
         assert_eq!(r.corrupt_removed, vec![b.to_string()]);
         assert_eq!(r.misplaced_removed.len(), 1);
         assert!(s.get(&a).is_some());
+    }
+
+    /// Three chunks of a file, stored; returns (chunk list, bytes of the whole file).
+    fn stored_file(s: &NodeStore) -> (Vec<(Digest, u32)>, Vec<u8>) {
+        let parts: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| {
+                (0..1000u32 + i as u32 * 10)
+                    .map(|n| (n as u8) ^ i)
+                    .collect()
+            })
+            .collect();
+        let mut list = Vec::new();
+        for p in &parts {
+            list.push((put(s, p), p.len() as u32));
+        }
+        (list, parts.concat())
+    }
+
+    #[test]
+    fn sealed_files_hold_the_bytes_once_and_pointers_find_them() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let (list, whole) = stored_file(&s);
+        let key = file_key(list.iter().map(|(id, _)| id));
+        let before = s.stats().unwrap().bytes;
+        let r = s.seal(&key, &list, &|_| None).unwrap();
+        assert_eq!(
+            r,
+            Sealed::Written {
+                bytes: whole.len() as u64,
+                pointers: 3
+            }
+        );
+        assert_eq!(s.seal(&key, &list, &|_| None).unwrap(), Sealed::Present);
+        let mut f = s.open_sealed(&key).unwrap();
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).unwrap();
+        assert_eq!(got, whole);
+        for (id, len) in &list {
+            assert_eq!(fs::metadata(s.path(id)).unwrap().len(), POINTER_LEN as u64);
+            assert_eq!(s.get(id).unwrap().len(), *len as usize);
+        }
+        let st = s.stats().unwrap();
+        assert_eq!((st.chunks, st.pointers, st.sealed_files), (3, 3, 1));
+        // Stored once: the file and its list replace the chunk files.
+        assert!(
+            st.bytes < before + 3 * 36 + 3 * POINTER_LEN as u64 + 1,
+            "{} vs {before}",
+            st.bytes
+        );
+        let v = s.verify(&|_, _| {}).unwrap();
+        assert_eq!((v.checked, v.sealed_checked), (3, 1));
+        assert!(v.corrupt_removed.is_empty() && v.corrupt_sealed_removed.is_empty());
+    }
+
+    #[test]
+    fn sealing_never_fetches_and_takes_chunks_from_memory() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let missing = vec![7u8; 500];
+        let mut list = vec![(Digest::of(&missing), 500)];
+        let (more, _) = stored_file(&s);
+        list.extend(more);
+        let key = file_key(list.iter().map(|(id, _)| id));
+        assert_eq!(s.seal(&key, &list, &|_| None).unwrap(), Sealed::Missing);
+        assert!(!s.has_sealed(&key));
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        // Handed over from memory: sealed.
+        let m: Arc<[u8]> = missing.clone().into();
+        let r = s
+            .seal(&key, &list, &|k| (k == 0).then(|| m.clone()))
+            .unwrap();
+        assert!(matches!(r, Sealed::Written { pointers: 3, .. }), "{r:?}");
+    }
+
+    #[test]
+    fn a_corrupt_or_missing_sealed_file_is_never_served() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let (list, whole) = stored_file(&s);
+        let key = file_key(list.iter().map(|(id, _)| id));
+        s.seal(&key, &list, &|_| None).unwrap();
+        let sp = NodeStore::sealed_path_in(d.path(), &key);
+        let mut rot = whole.clone();
+        rot[1500] ^= 1;
+        fs::set_permissions(&sp, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&sp, &rot).unwrap();
+        // The first chunk is intact; the second is not: dropped with its file.
+        assert!(s.get(&list[0].0).is_some());
+        assert!(s.get(&list[1].0).is_none(), "corrupt bytes served");
+        assert!(!sp.exists(), "corrupt sealed file kept");
+        assert_eq!(s.counters().corrupt_dropped.load(Ordering::Relaxed), 1);
+        // The other pointers now dangle: a read removes them, gc too.
+        assert!(s.get(&list[0].0).is_none());
+        assert!(!s.path(&list[0].0).exists());
+        let r = s.gc(u64::MAX).unwrap();
+        assert_eq!(r.dangling_removed, 1);
+        assert_eq!(s.stats().unwrap().chunks, 0);
+    }
+
+    #[test]
+    fn verify_finds_a_corrupt_sealed_file() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let (list, whole) = stored_file(&s);
+        let key = file_key(list.iter().map(|(id, _)| id));
+        s.seal(&key, &list, &|_| None).unwrap();
+        let sp = NodeStore::sealed_path_in(d.path(), &key);
+        fs::set_permissions(&sp, fs::Permissions::from_mode(0o644)).unwrap();
+        // Same length, one bit off: only hashing finds it.
+        let mut rot = whole;
+        rot[10] ^= 0x80;
+        fs::write(&sp, &rot).unwrap();
+        let v = s.verify(&|_, _| {}).unwrap();
+        assert_eq!(v.corrupt_sealed_removed, vec![key.to_string()]);
+        assert_eq!(v.dangling_removed, 3);
+        assert!(!sp.exists() && !sp.with_extension(IDS_EXT).exists());
+    }
+
+    #[test]
+    fn gc_evicts_a_sealed_file_with_its_pointers_unless_a_mount_uses_it() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let (list, _) = stored_file(&s);
+        let key = file_key(list.iter().map(|(id, _)| id));
+        s.seal(&key, &list, &|_| None).unwrap();
+        let loose = put(&s, &[9u8; 2000]);
+        // A mount using one chunk of the file keeps all of it.
+        let pin = s.pin(&[list[2].0], &MountInfo::default()).unwrap();
+        let r = s.gc(0).unwrap();
+        assert_eq!((r.removed_chunks, r.removed_sealed_files), (1, 0), "{r:?}");
+        assert_eq!((r.kept_chunks, r.pinned_kept), (3, 3), "{r:?}");
+        assert!(s.get(&loose).is_none());
+        assert!(s.get(&list[0].0).is_some());
+        s.unpin(&pin);
+        let r = s.gc(0).unwrap();
+        assert_eq!((r.removed_chunks, r.removed_sealed_files), (3, 1), "{r:?}");
+        assert!(!s.has_sealed(&key));
+        let st = s.stats().unwrap();
+        assert_eq!((st.chunks, st.bytes, st.sealed_files), (0, 0, 0));
     }
 }

@@ -110,6 +110,26 @@ pub trait Store: Send + Sync {
     fn sibling(&self, _repository: &str) -> Option<Box<dyn Store>> {
         None
     }
+    /// Manifests whose `subject` is `subject` and whose artifact type is `artifact_type`
+    /// (OCI 1.1 referrers; empty where the store keeps none).
+    fn referrers(
+        &self,
+        _subject: &Digest,
+        _artifact_type: &str,
+    ) -> Result<Vec<manifest::Descriptor>> {
+        Ok(Vec::new())
+    }
+    /// Store a manifest that names `subject`, by digest, so that [`Store::referrers`]
+    /// finds it.
+    fn put_referrer(
+        &self,
+        bytes: &[u8],
+        media_type: &str,
+        _artifact_type: &str,
+        _subject: &manifest::Descriptor,
+    ) -> Result<Digest> {
+        self.put_manifest(None, bytes, media_type)
+    }
 }
 
 /// Where a tessera registry holds a chunk (answer of its chunk index).

@@ -14,7 +14,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
-use tessera_format::Digest;
+use tessera_format::{media, Digest};
 
 /// Largest manifest accepted from a registry.
 pub const MAX_MANIFEST: u64 = 4 << 20;
@@ -319,6 +319,26 @@ impl Registry {
     }
 }
 
+/// The OCI 1.1 referrers fallback tag of a subject: `sha256-<hex>`.
+fn fallback_tag(subject: &Digest) -> String {
+    format!("sha256-{}", subject.hex())
+}
+
+fn parse_index(bytes: &[u8], what: &str) -> Result<crate::manifest::ImageIndex> {
+    serde_json::from_slice(bytes).map_err(|e| OciError::Manifest(format!("{what}: {e}")))
+}
+
+impl Registry {
+    /// The index under the referrers fallback tag of `subject`, if there is one.
+    fn fallback_referrers(&self, subject: &Digest) -> Result<Option<crate::manifest::ImageIndex>> {
+        match self.manifest(&fallback_tag(subject)) {
+            Ok(m) => Ok(Some(parse_index(&m.bytes, "referrers fallback tag")?)),
+            Err(OciError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 fn header_str(h: &HeaderMap, k: &str) -> Option<String> {
     h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
@@ -491,6 +511,95 @@ impl Store for Registry {
         if !resp.status().is_success() {
             return Err(self.error_of(&format!("pushing manifest {reference}"), resp));
         }
+        Ok(digest)
+    }
+
+    fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<crate::manifest::Descriptor>> {
+        let url = format!("{}/referrers/{subject}", self.base);
+        let resp = self.send(&|c| {
+            c.get(&url)
+                .query(&[("artifactType", artifact_type)])
+                .header(ACCEPT, media::OCI_INDEX)
+        })?;
+        let index = match resp.status() {
+            s if s.is_success() => {
+                let mut bytes = Vec::new();
+                resp.take(MAX_MANIFEST + 1)
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| OciError::io("reading referrers", e))?;
+                Some(parse_index(&bytes, "referrers")?)
+            }
+            // No referrers API (a registry before OCI 1.1): the fallback tag.
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST => {
+                self.fallback_referrers(subject)?
+            }
+            _ => return Err(self.error_of(&format!("referrers of {subject}"), resp)),
+        };
+        // The registry may ignore the filter; apply it here too.
+        Ok(index
+            .map(|i| i.manifests)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| d.artifact_type.as_deref() == Some(artifact_type))
+            .collect())
+    }
+
+    fn put_referrer(
+        &self,
+        bytes: &[u8],
+        media_type: &str,
+        artifact_type: &str,
+        subject: &crate::manifest::Descriptor,
+    ) -> Result<Digest> {
+        let digest = Digest::of(bytes);
+        let url = format!("{}/manifests/{digest}", self.base);
+        let owned = bytes.to_vec();
+        let resp = self.send(&|c| {
+            c.put(&url)
+                .header(CONTENT_TYPE, media_type)
+                .body(owned.clone())
+        })?;
+        if !resp.status().is_success() {
+            return Err(self.error_of(&format!("pushing manifest {digest}"), resp));
+        }
+        if resp.headers().contains_key("oci-subject") {
+            return Ok(digest);
+        }
+        // The registry does not index referrers: add this one to the fallback tag's index.
+        let subject_digest = subject.sha256()?;
+        let mut index =
+            self.fallback_referrers(&subject_digest)?
+                .unwrap_or(crate::manifest::ImageIndex {
+                    schema_version: 2,
+                    media_type: Some(media::OCI_INDEX.into()),
+                    artifact_type: None,
+                    manifests: Vec::new(),
+                    subject: None,
+                    annotations: Default::default(),
+                });
+        if !index
+            .manifests
+            .iter()
+            .any(|d| d.digest == digest.to_string())
+        {
+            let mut d = crate::manifest::Descriptor::new(media_type, &digest, bytes.len() as u64);
+            d.artifact_type = Some(artifact_type.to_string());
+            // As the referrers API would list it: with the manifest's annotations.
+            if let Ok(m) = serde_json::from_slice::<crate::manifest::ImageManifest>(bytes) {
+                d.annotations = m.annotations;
+            }
+            index.manifests.push(d);
+        }
+        let body = crate::manifest::to_bytes(&index)?;
+        self.put_manifest(
+            Some(&fallback_tag(&subject_digest)),
+            &body,
+            media::OCI_INDEX,
+        )?;
         Ok(digest)
     }
 
