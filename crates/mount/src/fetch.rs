@@ -28,7 +28,7 @@ use crate::store::{file_key, NodeStore, Sealed};
 
 /// Bytes of recently used or read-ahead chunks kept in memory (a FUSE read often covers
 /// part of a chunk the previous read also covered; readahead loads chunks here).
-const MEM_CACHE_BYTES: u64 = 16 << 20;
+const MEM_CACHE_BYTES: u64 = 8 << 20;
 
 /// Recently used chunks, oldest first out, bounded in bytes.
 #[derive(Default)]
@@ -39,7 +39,7 @@ struct MemCache {
 }
 
 /// Fetched chunks waiting for the node store writer, at most.
-const MAX_PENDING_BYTES: u64 = 16 << 20;
+const MAX_PENDING_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, Clone)]
 pub struct FetchOptions {

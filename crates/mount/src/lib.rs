@@ -635,6 +635,26 @@ impl ImageFs {
     }
 }
 
+fn empty_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
     if size == 0 {
         reply.size(data.len() as u32);
@@ -693,6 +713,14 @@ impl Filesystem for ImageFs {
             .and_then(|&c| self.attr(c as usize))
         {
             Some(a) => reply.entry(&TTL, &a, Generation(0)),
+            // The image never changes: the kernel may cache that the name is absent too
+            // (node id 0 is a negative entry), so programs probing for files that do not
+            // exist — Python's imports do — ask once.
+            None if matches!(self.image.index.entries[p].node, Node::Dir(_)) => {
+                let mut a = self.attr(p).unwrap_or_else(|| empty_attr());
+                a.ino = INodeNo(0);
+                reply.entry(&TTL, &a, Generation(0))
+            }
             None => reply.error(Errno::ENOENT),
         }
     }

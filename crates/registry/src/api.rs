@@ -363,6 +363,11 @@ pub fn blob_body(reg: &Shared, d: BlobDigest, offset: u64, len: u64) -> Body {
     }))
 }
 
+/// Ranges up to this many bytes are read with the metadata lookup, in one blocking
+/// call, and sent from memory: a lazy mount's chunk reads are mostly this small, and each
+/// hop between threads costs more than the read.
+const SMALL_READ: u64 = 1 << 20;
+
 async fn get_blob(
     reg: Shared,
     repo: String,
@@ -371,9 +376,33 @@ async fn get_blob(
     headers: &HeaderMap,
 ) -> ApiResult {
     let d = parse_digest(d)?;
-    let size = {
-        let (reg2, repo2, d2) = (reg.clone(), repo.clone(), d.clone());
-        blocking(move || Ok(reg2.meta.blob_in_repo(&repo2, &d2)?)).await?
+    let range = header(headers, "range").map(str::to_string);
+    let (size, small) = {
+        let (reg2, repo2, d2, range2) = (reg.clone(), repo.clone(), d.clone(), range.clone());
+        blocking(move || {
+            let Some(size) = reg2.meta.blob_in_repo(&repo2, &d2)? else {
+                return Ok((None, None));
+            };
+            let (offset, len) = match parse_range(range2.as_deref(), size) {
+                RangeReq::Full => (0, size),
+                RangeReq::Part(s, e) => (s, e - s + 1),
+                RangeReq::Unsatisfiable => return Ok((Some(size), None)),
+            };
+            if head || len == 0 || len > SMALL_READ {
+                return Ok((Some(size), None));
+            }
+            let mut buf = Vec::with_capacity(len as usize);
+            let mut r = reg2.backend.open(&d2, offset)?.take(len);
+            r.read_to_end(&mut buf)
+                .map_err(|e| ApiError::internal(format!("reading blob {d2}: {e}")))?;
+            if buf.len() as u64 != len {
+                tracing::error!(digest = %d2, "blob shorter than recorded");
+                return Err(ApiError::internal("blob truncated"));
+            }
+            reg2.metrics.bytes_sent.inc_by(len);
+            Ok((Some(size), Some(Bytes::from(buf))))
+        })
+        .await?
     };
     let (size, flight) = match size {
         Some(s) => (s, None),
@@ -394,7 +423,7 @@ async fn get_blob(
         .h("accept-ranges", "bytes")
         .h("etag", format!("\"{d}\""))
         .h("cache-control", "max-age=31536000");
-    let (mut reply, offset, len) = match parse_range(header(headers, "range"), size) {
+    let (mut reply, offset, len) = match parse_range(range.as_deref(), size) {
         RangeReq::Full => (base, 0, size),
         RangeReq::Part(s, e) => {
             let mut r = base.h("content-range", format!("bytes {s}-{e}/{size}"));
@@ -414,9 +443,10 @@ async fn get_blob(
     if head || len == 0 {
         return Ok(reply.body(Body::empty()));
     }
-    Ok(reply.body(match flight {
-        Some(f) => crate::proxy::flight_body(&reg, f, d, offset, len),
-        None => blob_body(&reg, d, offset, len),
+    Ok(reply.body(match (small, flight) {
+        (Some(bytes), _) => Body::from(bytes),
+        (None, Some(f)) => crate::proxy::flight_body(&reg, f, d, offset, len),
+        (None, None) => blob_body(&reg, d, offset, len),
     }))
 }
 
