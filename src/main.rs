@@ -1,6 +1,7 @@
 //! `tessera`: the command-line front end. Thin glue over the library crates.
 
 mod mount_cmd;
+mod mountd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -40,7 +41,7 @@ enum LogFormat {
     Json,
 }
 
-#[derive(clap::Args, Clone)]
+#[derive(clap::Args, Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RegistryArgs {
     /// Use plain HTTP for registries that are not on loopback.
     #[arg(long)]
@@ -152,6 +153,19 @@ Unless --no-profile or --prefetch-profile is given, the newest read profile stor
 the image (an OCI referrer, see `tessera profile`) is prefetched while the mount runs."
     )]
     Mount(mount_cmd::MountArgs),
+    /// The node's mount daemon: serves every mount asked of it with `tessera mount
+    /// --daemon`, from one process and one node store (root needed).
+    #[command(
+        after_help = "Runs in the foreground; prints `listening on SOCKET` once ready. SIGTERM or
+SIGINT unmounts every mount it serves, then it exits. `tessera umount DIR` unmounts one.
+
+Examples:
+  tessera mountd --store /var/lib/tessera/chunks --quota 50G &
+  tessera mount --daemon reg:5000/app:1 /run/app --writable    # returns once mounted
+  tessera mount --daemon reg:5000/db:2 /run/db
+  tessera umount /run/app"
+    )]
+    Mountd(mountd::MountdArgs),
     /// Store a read profile beside a tessera image (an OCI 1.1 referrer of its manifest),
     /// or show the one a mount would use.
     #[command(after_help = "Examples:
@@ -379,6 +393,7 @@ fn run(cli: &Cli) -> Result<i32> {
     match &cli.cmd {
         Cmd::Serve(args) => serve(args),
         Cmd::Mount(args) => mount_cmd::mount(args),
+        Cmd::Mountd(args) => mountd::mountd(args),
         Cmd::Umount { dir } => mount_cmd::umount(dir),
         Cmd::Cache { cmd } => mount_cmd::cache(cmd),
         Cmd::Profile { cmd } => mount_cmd::profile(cmd),

@@ -21,6 +21,18 @@ pub struct MountArgs {
     targets: Vec<String>,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    opts: MountOpts,
+    /// Hand the mounts to the node's mount daemon (`tessera mountd`) on SOCKET instead of
+    /// serving them from this process; returns once they are mounted. The daemon's own
+    /// node store is used (--store and friends are the daemon's to set).
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = crate::mountd::DEFAULT_SOCKET)]
+    daemon: Option<PathBuf>,
+}
+
+/// How one image is mounted (also what `tessera mount --daemon` sends the daemon).
+#[derive(Args, Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MountOpts {
     /// Threads serving FUSE requests (per mount).
     #[arg(long, default_value_t = 4)]
     threads: usize,
@@ -82,6 +94,32 @@ pub struct MountArgs {
     reg: RegistryArgs,
 }
 
+impl MountOpts {
+    /// With --writable and no --upper, a fresh overlay directory named `name`.
+    pub fn default_upper(&mut self, name: &str) {
+        if self.writable && self.upper.is_none() {
+            self.upper = Some(PathBuf::from("/var/lib/tessera/overlays").join(name));
+        }
+    }
+
+    /// Paths made absolute against `cwd` (for a daemon that runs elsewhere).
+    pub fn absolute(mut self, cwd: &Path) -> MountOpts {
+        for p in [
+            &mut self.upper,
+            &mut self.prefetch_profile,
+            &mut self.record_profile,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = cwd.join(&*p);
+            }
+        }
+        self
+    }
+}
+
 #[derive(Args)]
 pub struct StoreArgs {
     /// Node store: verified chunks shared by every mount [default: /var/lib/tessera/chunks
@@ -99,7 +137,7 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn open(&self) -> Result<NodeStore> {
+    pub fn open(&self) -> Result<NodeStore> {
         let dir = self.store.clone().unwrap_or_else(crate::default_node_store);
         NodeStore::open_with(
             &dir,
@@ -237,225 +275,273 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// One image being served.
-struct Job {
-    reference: String,
-    dir: PathBuf,
+pub struct Job {
+    pub reference: String,
+    pub dir: PathBuf,
     fetcher: Arc<Fetcher>,
     pin: PathBuf,
     info: MountInfo,
+}
+
+/// The thread serving a mount's FUSE session; it ends when the mount is unmounted.
+pub type Session = std::thread::JoinHandle<Result<(), tessera_mount::MountError>>;
+
+impl Job {
+    /// Publish the mount's counters beside its pin.
+    pub fn publish(&self, store: &NodeStore) {
+        let mut info = self.info.clone();
+        info.counters = self.fetcher.counters_json();
+        let _ = store.publish(&self.pin, &info);
+    }
+
+    /// Wait until the mount is unmounted, then let go of it: pending chunks and seals
+    /// are written, the pin is dropped.
+    pub fn wait(&self, session: Session, store: &NodeStore) -> Result<()> {
+        let r = match session.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::anyhow!("{}: {e}", self.reference)),
+            Err(_) => Err(anyhow::anyhow!(
+                "{}: the mount thread panicked",
+                self.reference
+            )),
+        };
+        self.finish(store);
+        r
+    }
+
+    fn finish(&self, store: &NodeStore) {
+        self.fetcher.close();
+        tracing::info!(image = %self.reference, dir = %self.dir.display(), counters = %self.fetcher.counters_json(), "unmounted");
+        store.unpin(&self.pin);
+    }
+}
+
+/// Mount `reference` on `dir` with `o` over `store`, serving it from a thread of this
+/// process; returns once the mount is in place. `n` numbers the mounts of this process
+/// (for default overlay directories and the profiles of second and later mounts).
+pub fn start(
+    reference: &str,
+    dir: &Path,
+    n: usize,
+    o: &MountOpts,
+    store: &Arc<NodeStore>,
+) -> Result<(Arc<Job>, Session)> {
+    let fetch = FetchOptions {
+        max_wait: Duration::from_secs(o.fetch_timeout),
+        readahead: o.readahead,
+        workers: o.fetch_workers,
+        amplify: o.amplify,
+        ..FetchOptions::default()
+    };
+    let profile = match &o.prefetch_profile {
+        Some(p) => {
+            std::fs::read(p).with_context(|| format!("reading the profile {}", p.display()))?
+        }
+        None => Vec::new(),
+    };
+    let (source, img) = crate::open_image(reference, &o.reg)?;
+    // The index download is the mount's bandwidth sample (see FetchOptions).
+    let rate = img.index_desc.size as f64 / img.index_fetch.as_secs_f64().max(1e-6);
+    tracing::info!(image = %reference, index_bytes = img.index_desc.size, bytes_per_s = rate as u64, "index fetched");
+    let img = Arc::new(img);
+    let mut fetch = fetch.clone();
+    if img.index_desc.size >= 64 << 10 {
+        fetch.link_rate = Some(rate);
+    }
+    let fetcher = Fetcher::start(img.clone(), source, store.clone(), fetch);
+    let mut fs = ImageFs::new(fetcher.clone(), img.clone(), o.readahead);
+    fs.set_kernel_readahead(o.kernel_readahead.min(u32::MAX as u64) as u32);
+    fs.set_passthrough((!o.no_passthrough).then_some(o.passthrough_min));
+    if let Some(p) = &o.record_profile {
+        // One profile per mount: the second image's goes to FILE.1, and so on.
+        let p = if n == 0 {
+            p.clone()
+        } else {
+            p.with_extension(format!("{n}"))
+        };
+        fs.record_profile(&p)?;
+    }
+    if !profile.is_empty() {
+        let queued = fs.prefetch(&profile, o.prefetch);
+        tracing::info!(image = %reference, chunks = queued, "prefetch queued");
+    } else if o.no_profile || o.prefetch_profile.is_some() {
+        if o.prefetch {
+            let queued = fs.prefetch(&[], true);
+            tracing::info!(image = %reference, chunks = queued, "prefetch queued");
+        }
+    } else {
+        // Look for a stored profile while the mount comes up: mounting does not wait.
+        let pf = fs.prefetcher();
+        let (r, reg) = (reference.to_string(), o.reg.clone());
+        let subject = img.manifest_desc.sha256()?;
+        let (whole, workload) = (o.prefetch, o.profile_workload.clone());
+        std::thread::Builder::new()
+            .name("tessera-profile".into())
+            .spawn(move || {
+                let found = crate::open(&r, &reg)
+                    .map_err(|e| format!("{e:#}"))
+                    .and_then(|(store, _)| {
+                        tessera_mount::profile::fetch_latest(
+                            store.as_ref(),
+                            &subject,
+                            workload.as_deref(),
+                        )
+                        .map_err(|e| e.to_string())
+                    });
+                let text = match found {
+                    Ok(Some((digest, text))) => {
+                        tracing::info!(image = %r, profile = %digest, bytes = text.len(), "prefetching the image's stored read profile");
+                        text
+                    }
+                    Ok(None) => {
+                        tracing::debug!(image = %r, "no read profile stored with the image");
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        tracing::warn!(image = %r, error = %e, "cannot look up a stored read profile; mounting without one");
+                        Vec::new()
+                    }
+                };
+                if !text.is_empty() || whole {
+                    let queued = pf.prefetch(&text, whole);
+                    tracing::info!(image = %r, chunks = queued, "prefetch queued");
+                }
+            })
+            .context("starting the profile lookup")?;
+    }
+    // Chunks and the sealed files of this image stay while it is mounted.
+    let mut ids: Vec<_> = img.index.chunks.iter().map(|c| c.id).collect();
+    let chunk_count = ids.len() as u64;
+    ids.extend(fs.sealed_keys());
+    let info = MountInfo {
+        pid: std::process::id(),
+        reference: reference.to_string(),
+        manifest: img.manifest_desc.digest.clone(),
+        dir: dir.display().to_string(),
+        chunks: chunk_count,
+        counters: serde_json::Value::Null,
+    };
+    let pin = store
+        .pin(&ids, &info)
+        .context("registering the mount in the node store")?;
+    let writable = o.writable.then(|| {
+        let base = match &o.upper {
+            Some(u) if n == 0 => u.clone(),
+            Some(u) => u.join(format!("{n}")),
+            None => PathBuf::from("/var/lib/tessera/overlays")
+                .join(format!("{}-{n}", std::process::id())),
+        };
+        Writable { base }
+    });
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let (d2, threads) = (dir.to_path_buf(), o.threads);
+    let spawned = std::thread::Builder::new()
+        .name(format!("tessera-mount-{n}"))
+        .spawn(move || {
+            let tx = ready_tx.clone();
+            let r = tessera_mount::serve(fs, &d2, threads, writable.as_ref(), move || {
+                let _ = tx.send(Ok(()));
+            });
+            if let Err(e) = &r {
+                let _ = ready_tx.send(Err(anyhow::anyhow!("{e}")));
+            }
+            r
+        });
+    let job = Arc::new(Job {
+        reference: reference.to_string(),
+        dir: dir.to_path_buf(),
+        fetcher,
+        pin,
+        info,
+    });
+    let session = match spawned {
+        Ok(h) => h,
+        Err(e) => {
+            job.finish(store);
+            return Err(e).context("starting a mount thread");
+        }
+    };
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok((job, session)),
+        Ok(Err(e)) => {
+            let _ = job.wait(session, store);
+            Err(e).with_context(|| format!("mounting {reference} on {}", dir.display()))
+        }
+        Err(_) => {
+            let e = job.wait(session, store).err();
+            Err(e.unwrap_or_else(|| anyhow::anyhow!("the mount thread ended before mounting")))
+                .with_context(|| format!("mounting {reference} on {}", dir.display()))
+        }
+    }
+}
+
+/// Mounts this process serves.
+pub type Jobs = Arc<std::sync::Mutex<Vec<Arc<Job>>>>;
+
+/// Publish every live mount's counters every half second until `done`.
+pub fn publisher(
+    store: Arc<NodeStore>,
+    jobs: Jobs,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let list = jobs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for j in list {
+                j.publish(&store);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })
 }
 
 pub fn mount(a: &MountArgs) -> Result<i32> {
     if !a.targets.len().is_multiple_of(2) {
         bail!("give REF DIR pairs: {} arguments is odd", a.targets.len());
     }
+    if let Some(socket) = &a.daemon {
+        if a.store.store.is_some() || a.store.quota.is_some() || a.store.shared_store.is_some() {
+            bail!("--store, --quota and --shared-store belong to the daemon (tessera mountd); drop them with --daemon");
+        }
+        return crate::mountd::request_mounts(socket, &a.targets, &a.opts);
+    }
     let store = Arc::new(a.store.open()?);
-    let opts = FetchOptions {
-        max_wait: Duration::from_secs(a.fetch_timeout),
-        readahead: a.readahead,
-        workers: a.fetch_workers,
-        amplify: a.amplify,
-        ..FetchOptions::default()
-    };
-    let profile = match &a.prefetch_profile {
-        Some(p) => {
-            std::fs::read(p).with_context(|| format!("reading the profile {}", p.display()))?
-        }
-        None => Vec::new(),
-    };
-    let mut handles = Vec::new();
-    let mut jobs = Vec::new();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<String>>();
+    let mut running: Vec<(Arc<Job>, Session)> = Vec::new();
     for (n, pair) in a.targets.chunks(2).enumerate() {
-        let (reference, dir) = (pair[0].clone(), PathBuf::from(&pair[1]));
-        let (source, img) = crate::open_image(&reference, &a.reg)?;
-        // The index download is the mount's bandwidth sample (see FetchOptions).
-        let rate = img.index_desc.size as f64 / img.index_fetch.as_secs_f64().max(1e-6);
-        tracing::info!(image = %reference, index_bytes = img.index_desc.size, bytes_per_s = rate as u64, "index fetched");
-        let img = Arc::new(img);
-        let mut opts = opts.clone();
-        if img.index_desc.size >= 64 << 10 {
-            opts.link_rate = Some(rate);
-        }
-        let fetcher = Fetcher::start(img.clone(), source, store.clone(), opts);
-        let mut fs = ImageFs::new(fetcher.clone(), img.clone(), a.readahead);
-        fs.set_kernel_readahead(a.kernel_readahead.min(u32::MAX as u64) as u32);
-        fs.set_passthrough((!a.no_passthrough).then_some(a.passthrough_min));
-        if let Some(p) = &a.record_profile {
-            // One profile per mount: the second image's goes to FILE.1, and so on.
-            let p = if n == 0 {
-                p.clone()
-            } else {
-                p.with_extension(format!("{n}"))
-            };
-            fs.record_profile(&p)?;
-        }
-        if !profile.is_empty() {
-            let queued = fs.prefetch(&profile, a.prefetch);
-            tracing::info!(image = %reference, chunks = queued, "prefetch queued");
-        } else if a.no_profile || a.prefetch_profile.is_some() {
-            if a.prefetch {
-                let queued = fs.prefetch(&[], true);
-                tracing::info!(image = %reference, chunks = queued, "prefetch queued");
-            }
-        } else {
-            // Look for a stored profile while the mount comes up: mounting does not wait.
-            let pf = fs.prefetcher();
-            let (r, reg) = (reference.clone(), a.reg.clone());
-            let subject = img.manifest_desc.sha256()?;
-            let (whole, workload) = (a.prefetch, a.profile_workload.clone());
-            std::thread::Builder::new()
-                .name("tessera-profile".into())
-                .spawn(move || {
-                    let found = crate::open(&r, &reg).map_err(|e| format!("{e:#}")).and_then(
-                        |(store, _)| {
-                            tessera_mount::profile::fetch_latest(
-                                store.as_ref(),
-                                &subject,
-                                workload.as_deref(),
-                            )
-                            .map_err(|e| e.to_string())
-                        },
-                    );
-                    let text = match found {
-                        Ok(Some((digest, text))) => {
-                            tracing::info!(image = %r, profile = %digest, bytes = text.len(), "prefetching the image's stored read profile");
-                            text
-                        }
-                        Ok(None) => {
-                            tracing::debug!(image = %r, "no read profile stored with the image");
-                            Vec::new()
-                        }
-                        Err(e) => {
-                            tracing::warn!(image = %r, error = %e, "cannot look up a stored read profile; mounting without one");
-                            Vec::new()
-                        }
-                    };
-                    if !text.is_empty() || whole {
-                        let queued = pf.prefetch(&text, whole);
-                        tracing::info!(image = %r, chunks = queued, "prefetch queued");
-                    }
-                })
-                .context("starting the profile lookup")?;
-        }
-        // Chunks and the sealed files of this image stay while it is mounted.
-        let mut ids: Vec<_> = img.index.chunks.iter().map(|c| c.id).collect();
-        let chunk_count = ids.len() as u64;
-        ids.extend(fs.sealed_keys());
-        let info = MountInfo {
-            pid: std::process::id(),
-            reference: reference.clone(),
-            manifest: img.manifest_desc.digest.clone(),
-            dir: dir.display().to_string(),
-            chunks: chunk_count,
-            counters: serde_json::Value::Null,
-        };
-        let pin = store
-            .pin(&ids, &info)
-            .context("registering the mount in the node store")?;
-        let writable = if a.writable {
-            let base = match &a.upper {
-                Some(u) if n == 0 => u.clone(),
-                Some(u) => u.join(format!("{n}")),
-                None => PathBuf::from("/var/lib/tessera/overlays")
-                    .join(format!("{}-{n}", std::process::id())),
-            };
-            Some(Writable { base })
-        } else {
-            None
-        };
-        let tx = ready_tx.clone();
-        let (r2, d2) = (reference.clone(), dir.clone());
-        let threads = a.threads;
-        handles.push(
-            std::thread::Builder::new()
-                .name(format!("tessera-mount-{n}"))
-                .spawn(move || {
-                    let ready_tx = tx.clone();
-                    let line = format!("mounted {r2} at {}", d2.display());
-                    let r = tessera_mount::serve(fs, &d2, threads, writable.as_ref(), move || {
-                        let _ = ready_tx.send(Ok(line));
-                    });
-                    if let Err(e) = &r {
-                        let _ = tx.send(Err(anyhow::anyhow!("{e}")));
-                    }
-                    r
-                })
-                .context("starting a mount thread")?,
-        );
-        jobs.push(Job {
-            reference,
-            dir,
-            fetcher,
-            pin,
-            info,
-        });
-    }
-    drop(ready_tx);
-    let mut failed = None;
-    for _ in 0..jobs.len() {
-        match ready_rx.recv() {
-            Ok(Ok(line)) => {
+        let (reference, dir) = (&pair[0], PathBuf::from(&pair[1]));
+        match start(reference, &dir, n, &a.opts, &store) {
+            Ok(r) => {
                 let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{line}");
+                let _ = writeln!(out, "mounted {reference} at {}", dir.display());
                 let _ = out.flush();
+                running.push(r);
             }
-            Ok(Err(e)) => {
-                failed = Some(e);
-                break;
-            }
-            Err(_) => break,
-        }
-    }
-    if let Some(e) = failed {
-        for j in &jobs {
-            let _ = tessera_mount::unmount(&j.dir);
-        }
-        finish(&store, &jobs);
-        return Err(e).context("mounting");
-    }
-    // Publish counters beside the pins while the mounts live.
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher = {
-        let (store, done) = (store.clone(), done.clone());
-        let list: Vec<_> = jobs
-            .iter()
-            .map(|j| (j.pin.clone(), j.info.clone(), j.fetcher.clone()))
-            .collect();
-        std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                for (pin, info, f) in &list {
-                    let mut info = info.clone();
-                    info.counters = f.counters_json();
-                    let _ = store.publish(pin, &info);
+            Err(e) => {
+                for (j, session) in running {
+                    let _ = tessera_mount::unmount(&j.dir);
+                    let _ = j.wait(session, &store);
                 }
-                std::thread::sleep(Duration::from_millis(500));
+                return Err(e);
             }
-        })
-    };
+        }
+    }
+    let jobs: Jobs = Arc::new(std::sync::Mutex::new(
+        running.iter().map(|(j, _)| j.clone()).collect(),
+    ));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = publisher(store.clone(), jobs, done.clone());
     let mut errors = Vec::new();
-    for (h, j) in handles.into_iter().zip(&jobs) {
-        match h.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => errors.push(format!("{}: {e}", j.reference)),
-            Err(_) => errors.push(format!("{}: the mount thread panicked", j.reference)),
+    for (j, session) in running {
+        if let Err(e) = j.wait(session, &store) {
+            errors.push(format!("{e:#}"));
         }
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = publisher.join();
-    finish(&store, &jobs);
     if !errors.is_empty() {
         bail!("{}", errors.join("; "));
     }
     Ok(0)
-}
-
-fn finish(store: &NodeStore, jobs: &[Job]) {
-    for j in jobs {
-        j.fetcher.close();
-        tracing::info!(image = %j.reference, dir = %j.dir.display(), counters = %j.fetcher.counters_json(), "unmounted");
-        store.unpin(&j.pin);
-    }
 }
 
 pub fn umount(dir: &Path) -> Result<i32> {

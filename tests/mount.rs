@@ -1146,3 +1146,145 @@ fn stored_profiles_are_found_by_later_mounts_on_any_registry() {
         drop(m);
     }
 }
+
+#[test]
+fn a_node_daemon_serves_mounts_asked_over_its_socket() {
+    require_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let s = TesseraServe::start();
+    let (ra, rb) = (
+        format!("{}/d/base:t", s.addr),
+        format!("{}/d/python:t", s.addr),
+    );
+    run_ok(tessera().args(["convert", "--no-cache", &corpus_archive("debian-base"), &ra]));
+    run_ok(tessera().args([
+        "convert",
+        "--no-cache",
+        &corpus_archive("debian-python"),
+        &rb,
+    ]));
+    let unpacked = work.path().join("unpacked");
+    run_ok(tessera().args(["unpack", &ra]).arg(&unpacked));
+    let socket = work.path().join("mountd.sock");
+    let store = work.path().join("store");
+    let mut daemon = tessera()
+        .arg("mountd")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--store")
+        .arg(&store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(daemon.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening on "), "{line:?}");
+    // A second daemon on the same socket refuses to start.
+    let second = tessera()
+        .arg("mountd")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--store")
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already listens"));
+
+    // Two clients, two images, one daemon process; the clients return once mounted.
+    let (da, db) = (work.path().join("a"), work.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let sock = socket.to_string_lossy().to_string();
+    let got = run_ok(tessera().args(["mount", "--daemon", &sock, &ra]).arg(&da));
+    assert!(got.starts_with("mounted "), "{got}");
+    let upper = work.path().join("upper");
+    run_ok(
+        tessera()
+            .args(["mount", "--daemon", &sock, &rb])
+            .arg(&db)
+            .arg("--writable")
+            .arg("--upper")
+            .arg(&upper),
+    );
+    assert!(
+        std::fs::read(da.join("usr/bin/bash")).unwrap()
+            == std::fs::read(unpacked.join("usr/bin/bash")).unwrap()
+    );
+    let py = std::process::Command::new("chroot")
+        .arg(&db)
+        .args(["python3", "-c", "print(6 * 7)"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "42");
+    let (st, _) = cache_json("stats", &store, &[]);
+    let mounts = st["mounts"].as_array().unwrap();
+    assert_eq!(mounts.len(), 2, "{st}");
+    assert!(mounts.iter().all(|m| m["pid"] == daemon.id()), "{st}");
+
+    // A mount that fails is reported to its client; the daemon stays up.
+    let bad = tessera()
+        .args([
+            "mount",
+            "--daemon",
+            &sock,
+            &format!("{}/d/missing:t", s.addr),
+        ])
+        .arg(&da)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("could not mount"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    // --store belongs to the daemon.
+    let refused = tessera()
+        .args(["mount", "--daemon", &sock, &ra])
+        .arg(&da)
+        .arg("--store")
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+
+    // umount lets one mount go: its pin goes with it.
+    run_ok(tessera().arg("umount").arg(&da));
+    let start = Instant::now();
+    loop {
+        let (st, _) = cache_json("stats", &store, &[]);
+        if st["mounts"].as_array().unwrap().len() == 1 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "pin kept: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(daemon.try_wait().unwrap().is_none(), "daemon exited");
+
+    // SIGTERM unmounts everything, removes the socket and exits cleanly.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&daemon),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = daemon.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "daemon did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(&db) && !is_mounted(&da));
+    assert!(!socket.exists());
+    let (st, _) = cache_json("stats", &store, &[]);
+    assert_eq!(st["mounts"].as_array().unwrap().len(), 0, "{st}");
+    drop(s);
+}

@@ -717,7 +717,7 @@ impl Filesystem for ImageFs {
             // (node id 0 is a negative entry), so programs probing for files that do not
             // exist — Python's imports do — ask once.
             None if matches!(self.image.index.entries[p].node, Node::Dir(_)) => {
-                let mut a = self.attr(p).unwrap_or_else(|| empty_attr());
+                let mut a = self.attr(p).unwrap_or_else(empty_attr);
                 a.ino = INodeNo(0);
                 reply.entry(&TTL, &a, Generation(0))
             }

@@ -528,8 +528,17 @@ impl NodeStore {
                 continue;
             }
             let p = self.path(id);
-            if !fs::metadata(&p).is_ok_and(|m| m.is_file() && m.len() == *len as u64) {
+            // A chunk file becomes a pointer; a chunk not written yet (still on its way
+            // to the store) gets one, so it is not written out a second time.
+            let replaces = match fs::metadata(&p) {
+                Ok(m) => m.is_file() && m.len() == *len as u64,
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            };
+            if !replaces {
                 continue;
+            }
+            if let Some(parent) = p.parent() {
+                let _ = fs::create_dir_all(parent);
             }
             let ptr = Pointer {
                 key: *key,
@@ -539,7 +548,7 @@ impl NodeStore {
             match tempfile_in(&self.dir.join("tmp")) {
                 Ok((t, mut g)) => {
                     if g.write_all(&ptr.encode()).is_ok() {
-                        staged.push((t, p, *len as u64));
+                        staged.push((t, p));
                     } else {
                         let _ = fs::remove_file(&t);
                     }
@@ -550,10 +559,14 @@ impl NodeStore {
         let synced =
             File::open(&self.dir).and_then(|d| rustix::fs::syncfs(&d).map_err(io::Error::from));
         let mut pointers = 0;
-        for (t, p, len) in staged {
+        for (t, p) in staged {
+            let was = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             if synced.is_ok() && fs::rename(&t, &p).is_ok() {
                 pointers += 1;
-                self.sub_bytes(len - POINTER_LEN as u64);
+                self.sub_bytes(was);
+                self.state
+                    .bytes
+                    .fetch_add(POINTER_LEN as u64, Ordering::Relaxed);
             } else {
                 let _ = fs::remove_file(&t);
             }
@@ -633,6 +646,11 @@ impl NodeStore {
         }
         let mut added = 0;
         for (tmp, p, len) in staged {
+            // Sealed meanwhile: the pointer stays (the bytes are in the sealed file).
+            if p.exists() {
+                let _ = fs::remove_file(&tmp);
+                continue;
+            }
             let moved = match &result {
                 Ok(()) => p
                     .parent()
@@ -1393,7 +1411,15 @@ mod tests {
         let r = s
             .seal(&key, &list, &|k| (k == 0).then(|| m.clone()))
             .unwrap();
-        assert!(matches!(r, Sealed::Written { pointers: 3, .. }), "{r:?}");
+        // The chunk that was only in memory gets a pointer too: it is on disk once.
+        assert!(matches!(r, Sealed::Written { pointers: 4, .. }), "{r:?}");
+        assert_eq!(s.get(&list[0].0).unwrap(), missing);
+        s.put(&list[0].0, &missing).unwrap();
+        assert_eq!(
+            fs::metadata(s.path(&list[0].0)).unwrap().len(),
+            POINTER_LEN as u64,
+            "a later write of the chunk replaced its pointer"
+        );
     }
 
     #[test]
