@@ -381,6 +381,21 @@ fn corpus_archive(name: &str) -> String {
     )
 }
 
+/// debian-base and debian-python converted into `s` under `REPO/base:t` and
+/// `REPO/python:t`, and debian-base unpacked under `work` (the reference tree).
+fn base_and_python(s: &TesseraServe, repo: &str, work: &Path) -> (String, String, PathBuf) {
+    let (base, python) = (
+        format!("{}/{repo}/base:t", s.addr),
+        format!("{}/{repo}/python:t", s.addr),
+    );
+    for (name, r) in [("debian-base", &base), ("debian-python", &python)] {
+        run_ok(tessera().args(["convert", "--no-cache", &corpus_archive(name), r]));
+    }
+    let unpacked = work.join("unpacked");
+    run_ok(tessera().args(["unpack", &base]).arg(&unpacked));
+    (base, python, unpacked)
+}
+
 fn is_mounted(dir: &Path) -> bool {
     let dir = dir.to_string_lossy().to_string();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -684,19 +699,7 @@ fn read_profiles_prefetch_and_several_mounts_in_one_daemon() {
     require_fuse();
     let work = tempfile::tempdir().unwrap();
     let mut s = TesseraServe::start();
-    let (r1, r2) = (
-        format!("{}/p/base:t", s.addr),
-        format!("{}/p/python:t", s.addr),
-    );
-    run_ok(tessera().args(["convert", "--no-cache", &corpus_archive("debian-base"), &r1]));
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
-        &corpus_archive("debian-python"),
-        &r2,
-    ]));
-    let unpacked = work.path().join("unpacked");
-    run_ok(tessera().args(["unpack", &r1]).arg(&unpacked));
+    let (r1, r2, unpacked) = base_and_python(&s, "p", work.path());
 
     // One daemon, two mounts, recording what is read.
     let (d1, d2) = (work.path().join("d1"), work.path().join("d2"));
@@ -1152,19 +1155,7 @@ fn a_node_daemon_serves_mounts_asked_over_its_socket() {
     require_fuse();
     let work = tempfile::tempdir().unwrap();
     let s = TesseraServe::start();
-    let (ra, rb) = (
-        format!("{}/d/base:t", s.addr),
-        format!("{}/d/python:t", s.addr),
-    );
-    run_ok(tessera().args(["convert", "--no-cache", &corpus_archive("debian-base"), &ra]));
-    run_ok(tessera().args([
-        "convert",
-        "--no-cache",
-        &corpus_archive("debian-python"),
-        &rb,
-    ]));
-    let unpacked = work.path().join("unpacked");
-    run_ok(tessera().args(["unpack", &ra]).arg(&unpacked));
+    let (ra, rb, unpacked) = base_and_python(&s, "d", work.path());
     let socket = work.path().join("mountd.sock");
     let store = work.path().join("store");
     let mut daemon = tessera()

@@ -906,6 +906,8 @@ impl NodeStore {
     /// a mounted image pins when it uses any of its chunks (or the file itself).
     pub fn gc(&self, max_bytes: u64) -> io::Result<GcReport> {
         let mut r = GcReport::default();
+        // Bytes this process adds while the walk runs are not in it: kept on top.
+        let counted_before = self.state.bytes.load(Ordering::Relaxed);
         let (live, stale) = self.pins()?;
         for base in stale {
             let _ = fs::remove_file(base.with_extension("pin"));
@@ -998,7 +1000,12 @@ impl NodeStore {
                 r.pinned_kept += u.chunks;
             }
         }
-        self.state.bytes.store(total, Ordering::Relaxed);
+        let _ = self
+            .state
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                Some(total + now.saturating_sub(counted_before))
+            });
         self.state
             .counters
             .evicted_chunks
@@ -1357,6 +1364,22 @@ mod tests {
         (list, parts.concat())
     }
 
+    /// A stored, sealed file whose sealed copy then has byte `at` XORed with `bit`.
+    fn sealed_then_rotten(
+        s: &NodeStore,
+        at: usize,
+        bit: u8,
+    ) -> (Vec<(Digest, u32)>, Digest, PathBuf) {
+        let (list, mut whole) = stored_file(s);
+        let key = file_key(list.iter().map(|(id, _)| id));
+        s.seal(&key, &list, &|_| None).unwrap();
+        let sp = NodeStore::sealed_path_in(s.dir(), &key);
+        whole[at] ^= bit;
+        fs::set_permissions(&sp, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&sp, &whole).unwrap();
+        (list, key, sp)
+    }
+
     #[test]
     fn sealed_files_hold_the_bytes_once_and_pointers_find_them() {
         let d = tempfile::tempdir().unwrap();
@@ -1426,14 +1449,7 @@ mod tests {
     fn a_corrupt_or_missing_sealed_file_is_never_served() {
         let d = tempfile::tempdir().unwrap();
         let s = NodeStore::open(d.path()).unwrap();
-        let (list, whole) = stored_file(&s);
-        let key = file_key(list.iter().map(|(id, _)| id));
-        s.seal(&key, &list, &|_| None).unwrap();
-        let sp = NodeStore::sealed_path_in(d.path(), &key);
-        let mut rot = whole.clone();
-        rot[1500] ^= 1;
-        fs::set_permissions(&sp, fs::Permissions::from_mode(0o644)).unwrap();
-        fs::write(&sp, &rot).unwrap();
+        let (list, _, sp) = sealed_then_rotten(&s, 1500, 1);
         // The first chunk is intact; the second is not: dropped with its file.
         assert!(s.get(&list[0].0).is_some());
         assert!(s.get(&list[1].0).is_none(), "corrupt bytes served");
@@ -1451,15 +1467,8 @@ mod tests {
     fn verify_finds_a_corrupt_sealed_file() {
         let d = tempfile::tempdir().unwrap();
         let s = NodeStore::open(d.path()).unwrap();
-        let (list, whole) = stored_file(&s);
-        let key = file_key(list.iter().map(|(id, _)| id));
-        s.seal(&key, &list, &|_| None).unwrap();
-        let sp = NodeStore::sealed_path_in(d.path(), &key);
-        fs::set_permissions(&sp, fs::Permissions::from_mode(0o644)).unwrap();
         // Same length, one bit off: only hashing finds it.
-        let mut rot = whole;
-        rot[10] ^= 0x80;
-        fs::write(&sp, &rot).unwrap();
+        let (_, key, sp) = sealed_then_rotten(&s, 10, 0x80);
         let v = s.verify(&|_, _| {}).unwrap();
         assert_eq!(v.corrupt_sealed_removed, vec![key.to_string()]);
         assert_eq!(v.dangling_removed, 3);

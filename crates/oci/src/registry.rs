@@ -329,6 +329,21 @@ fn parse_index(bytes: &[u8], what: &str) -> Result<crate::manifest::ImageIndex> 
 }
 
 impl Registry {
+    /// PUT a manifest under `reference` (a tag or its digest); the successful answer.
+    fn send_manifest(&self, reference: &str, bytes: &[u8], media_type: &str) -> Result<Response> {
+        let url = format!("{}/manifests/{reference}", self.base);
+        let owned = bytes.to_vec();
+        let resp = self.send(&|c| {
+            c.put(&url)
+                .header(CONTENT_TYPE, media_type)
+                .body(owned.clone())
+        })?;
+        if !resp.status().is_success() {
+            return Err(self.error_of(&format!("pushing manifest {reference}"), resp));
+        }
+        Ok(resp)
+    }
+
     /// The index under the referrers fallback tag of `subject`, if there is one.
     fn fallback_referrers(&self, subject: &Digest) -> Result<Option<crate::manifest::ImageIndex>> {
         match self.manifest(&fallback_tag(subject)) {
@@ -501,16 +516,7 @@ impl Store for Registry {
         let reference = tag
             .map(str::to_string)
             .unwrap_or_else(|| digest.to_string());
-        let url = format!("{}/manifests/{reference}", self.base);
-        let owned = bytes.to_vec();
-        let resp = self.send(&|c| {
-            c.put(&url)
-                .header(CONTENT_TYPE, media_type)
-                .body(owned.clone())
-        })?;
-        if !resp.status().is_success() {
-            return Err(self.error_of(&format!("pushing manifest {reference}"), resp));
-        }
+        self.send_manifest(&reference, bytes, media_type)?;
         Ok(digest)
     }
 
@@ -556,16 +562,7 @@ impl Store for Registry {
         subject: &crate::manifest::Descriptor,
     ) -> Result<Digest> {
         let digest = Digest::of(bytes);
-        let url = format!("{}/manifests/{digest}", self.base);
-        let owned = bytes.to_vec();
-        let resp = self.send(&|c| {
-            c.put(&url)
-                .header(CONTENT_TYPE, media_type)
-                .body(owned.clone())
-        })?;
-        if !resp.status().is_success() {
-            return Err(self.error_of(&format!("pushing manifest {digest}"), resp));
-        }
+        let resp = self.send_manifest(&digest.to_string(), bytes, media_type)?;
         if resp.headers().contains_key("oci-subject") {
             return Ok(digest);
         }
