@@ -104,6 +104,12 @@ impl MountOpts {
         }
     }
 
+    /// Thread counts kept sane (they come from a client of the daemon).
+    pub fn clamp(&mut self) {
+        self.threads = self.threads.clamp(1, 64);
+        self.fetch_workers = self.fetch_workers.min(64);
+    }
+
     /// Paths made absolute against `cwd` (for a daemon that runs elsewhere).
     pub fn absolute(mut self, cwd: &Path) -> MountOpts {
         for p in [
@@ -297,6 +303,8 @@ pub struct Job {
     fetcher: Arc<Fetcher>,
     pin: PathBuf,
     info: MountInfo,
+    /// Set (under the lock) when the pin goes: the counters are not published again.
+    finished: std::sync::Mutex<bool>,
 }
 
 /// The thread serving a mount's FUSE session; it ends when the mount is unmounted.
@@ -305,6 +313,10 @@ pub type Session = std::thread::JoinHandle<Result<(), tessera_mount::MountError>
 impl Job {
     /// Publish the mount's counters beside its pin.
     pub fn publish(&self, store: &NodeStore) {
+        let finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        if *finished {
+            return;
+        }
         let mut info = self.info.clone();
         info.counters = self.fetcher.counters_json();
         let _ = store.publish(&self.pin, &info);
@@ -327,6 +339,7 @@ impl Job {
 
     fn finish(&self, store: &NodeStore) {
         self.fetcher.close();
+        *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = true;
         tracing::info!(image = %self.reference, dir = %self.dir.display(), counters = %self.fetcher.counters_json(), "unmounted");
         store.unpin(&self.pin);
     }
@@ -366,6 +379,8 @@ pub fn start(
     }
     let fast_link = fetch.link_rate.is_some_and(|r| r >= fetch.amplify_min_rate);
     let fetcher = Fetcher::start(img.clone(), source, store.clone(), fetch);
+    // Until the mount is up, an error stops the fetcher's threads (a daemon lives on).
+    let guard = CloseOnError(Some(fetcher.clone()));
     let mut fs = ImageFs::new(fetcher.clone(), img.clone(), o.readahead);
     let kernel_readahead = match o.kernel_readahead {
         SizeOrAuto::Size(n) => n,
@@ -469,12 +484,14 @@ pub fn start(
             }
             r
         });
+    drop(guard.disarm());
     let job = Arc::new(Job {
         reference: reference.to_string(),
         dir: dir.to_path_buf(),
         fetcher,
         pin,
         info,
+        finished: Default::default(),
     });
     let session = match spawned {
         Ok(h) => h,
@@ -493,6 +510,23 @@ pub fn start(
             let e = job.wait(session, store).err();
             Err(e.unwrap_or_else(|| anyhow::anyhow!("the mount thread ended before mounting")))
                 .with_context(|| format!("mounting {reference} on {}", dir.display()))
+        }
+    }
+}
+
+/// Closes a fetcher when dropped, unless disarmed.
+struct CloseOnError(Option<Arc<Fetcher>>);
+
+impl CloseOnError {
+    fn disarm(mut self) -> Option<Arc<Fetcher>> {
+        self.0.take()
+    }
+}
+
+impl Drop for CloseOnError {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f.close();
         }
     }
 }

@@ -70,7 +70,12 @@ struct Daemon {
     live: AtomicUsize,
     seq: AtomicUsize,
     stopping: AtomicBool,
+    /// Connections being served.
+    conns: AtomicUsize,
 }
+
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
 
 /// `tessera mountd`: serve mounts asked for over `socket` until SIGTERM or SIGINT, then
 /// unmount them all.
@@ -83,6 +88,7 @@ pub fn mountd(a: &MountdArgs) -> Result<i32> {
         live: AtomicUsize::new(0),
         seq: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
+        conns: AtomicUsize::new(0),
     });
     let done = Arc::new(AtomicBool::new(false));
     let publisher = mount_cmd::publisher(store.clone(), d.jobs.clone(), done.clone());
@@ -107,6 +113,11 @@ pub fn mountd(a: &MountdArgs) -> Result<i32> {
                 continue;
             }
         };
+        if d.conns.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            d.conns.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!("too many mount daemon connections at once; one refused");
+            continue;
+        }
         let d = d.clone();
         let spawned = std::thread::Builder::new()
             .name("tessera-mountd-conn".into())
@@ -114,6 +125,7 @@ pub fn mountd(a: &MountdArgs) -> Result<i32> {
                 if let Err(e) = handle(&d, conn) {
                     tracing::warn!(error = %format!("{e:#}"), "mount daemon request failed");
                 }
+                d.conns.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot serve a connection");
@@ -146,8 +158,11 @@ fn listen(socket: &Path) -> Result<UnixListener> {
         std::fs::remove_file(socket)
             .with_context(|| format!("removing the stale socket {}", socket.display()))?;
     }
-    let l =
-        UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
+    // Created 0600 from the start (no moment in which others could connect).
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(socket);
+    rustix::process::umask(old);
+    let l = bound.with_context(|| format!("listening on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {} to its owner", socket.display()))?;
     Ok(l)
@@ -201,13 +216,29 @@ fn answer(conn: &mut UnixStream, a: &Answer) -> Result<()> {
     Ok(())
 }
 
+/// The request line: at most 1 MiB, within 30 s in all.
+fn read_request(conn: &UnixStream) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut r = BufReader::new(conn.try_clone()?).take(1 << 20);
+    let mut line = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("the request did not arrive within 30 s");
+        }
+        conn.set_read_timeout(Some(left))?;
+        let n = r
+            .read_until(b'\n', &mut line)
+            .context("reading the request")?;
+        if n == 0 || line.ends_with(b"\n") {
+            break;
+        }
+    }
+    String::from_utf8(line).context("the request is not UTF-8")
+}
+
 fn handle(d: &Arc<Daemon>, mut conn: UnixStream) -> Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = String::new();
-    BufReader::new(conn.try_clone()?)
-        .take(1 << 20)
-        .read_line(&mut line)
-        .context("reading the request")?;
+    let line = read_request(&conn)?;
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
@@ -257,13 +288,19 @@ fn handle(d: &Arc<Daemon>, mut conn: UnixStream) -> Result<()> {
             }
             let k = d.seq.fetch_add(1, Ordering::SeqCst);
             opts.default_upper(&format!("{}-d{k}", std::process::id()));
+            opts.clamp();
+            // Counted before it starts, so a stop waits for it.
+            d.live.fetch_add(1, Ordering::SeqCst);
             match mount_cmd::start(&reference, &dir, 0, &opts, &d.store) {
                 Ok((job, session)) => {
-                    d.live.fetch_add(1, Ordering::SeqCst);
                     d.jobs
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push(job.clone());
+                    // A stop that began while this mount came up did not see it.
+                    if d.stopping.load(Ordering::SeqCst) {
+                        let _ = tessera_mount::unmount(&dir);
+                    }
                     let message = format!("mounted {reference} at {}", dir.display());
                     tracing::info!(image = %reference, dir = %dir.display(), "mounted for a client");
                     let d2 = d.clone();
@@ -280,13 +317,16 @@ fn handle(d: &Arc<Daemon>, mut conn: UnixStream) -> Result<()> {
                         },
                     )
                 }
-                Err(e) => answer(
-                    &mut conn,
-                    &Answer {
-                        error: Some(format!("{e:#}")),
-                        ..Answer::default()
-                    },
-                ),
+                Err(e) => {
+                    d.live.fetch_sub(1, Ordering::SeqCst);
+                    answer(
+                        &mut conn,
+                        &Answer {
+                            error: Some(format!("{e:#}")),
+                            ..Answer::default()
+                        },
+                    )
+                }
             }
         }
     }

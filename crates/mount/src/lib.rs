@@ -19,6 +19,8 @@
 //!   daemon, new opens of it go through the daemon too.
 
 pub mod fetch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod profile;
 pub mod store;
 
@@ -330,10 +332,13 @@ impl ImageFs {
         opens.next_fh += 1;
         let fh = opens.next_fh;
         let st = opens.by_entry.entry(i as u32).or_default();
-        if let Some(key) = key.filter(|_| st.cached == 0) {
-            let backing = match &st.backing {
-                Some(b) => Some(b.clone()),
-                None => self.fetcher.store().open_sealed(&key).and_then(|f| {
+        // An inode open with a backing file takes every further open the same way (the
+        // kernel fails any other with EIO), whatever happened to passthrough since.
+        if st.backing.is_some() || key.is_some() && st.cached == 0 {
+            let backing = match (&st.backing, key) {
+                (Some(b), _) => Some(b.clone()),
+                (None, None) => None,
+                (None, Some(key)) => self.fetcher.store().open_sealed(&key).and_then(|f| {
                     match reply.open_backing(&f) {
                         Ok(b) => Some(Arc::new(b)),
                         Err(e) => {

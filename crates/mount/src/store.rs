@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+use tessera_format::chunker::MAX_CHUNK;
 use tessera_format::digest::Hasher;
 use tessera_format::Digest;
 
@@ -54,14 +55,14 @@ pub fn file_key<'a>(ids: impl IntoIterator<Item = &'a Digest>) -> Digest {
 
 /// Where a chunk's bytes are inside a sealed file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Pointer {
+pub(crate) struct Pointer {
     key: Digest,
     offset: u64,
     len: u32,
 }
 
 impl Pointer {
-    fn encode(&self) -> [u8; POINTER_LEN] {
+    pub(crate) fn encode(&self) -> [u8; POINTER_LEN] {
         let mut b = [0u8; POINTER_LEN];
         b[..4].copy_from_slice(&POINTER_MAGIC);
         b[4..36].copy_from_slice(&self.key.0);
@@ -70,7 +71,7 @@ impl Pointer {
         b
     }
 
-    fn parse(b: &[u8]) -> Option<Pointer> {
+    pub(crate) fn parse(b: &[u8]) -> Option<Pointer> {
         if b.len() != POINTER_LEN || b[..4] != POINTER_MAGIC {
             return None;
         }
@@ -358,15 +359,32 @@ impl NodeStore {
         local: bool,
     ) -> Option<Vec<u8>> {
         let sp = NodeStore::sealed_path_in(base, &ptr.key);
-        let Ok(f) = File::open(&sp) else {
-            // Evicted: the pointer is stale.
-            if local && fs::remove_file(ptr_path).is_ok() {
-                self.sub_bytes(POINTER_LEN as u64);
+        let f = match File::open(&sp) {
+            Ok(f) => f,
+            Err(e) => {
+                // Evicted: the pointer is stale. (Other errors, e.g. out of descriptors,
+                // say nothing about the pointer.)
+                if local && e.kind() == io::ErrorKind::NotFound && fs::remove_file(ptr_path).is_ok()
+                {
+                    self.sub_bytes(POINTER_LEN as u64);
+                }
+                return None;
             }
-            return None;
         };
-        let mut buf = vec![0u8; ptr.len as usize];
-        if f.read_exact_at(&mut buf, ptr.offset).is_ok() && Digest::of(&buf) == *id {
+        // A chunk is at most MAX_CHUNK bytes and lies inside the file: a pointer saying
+        // otherwise is corrupt (and must not make us allocate what it claims).
+        let fits = ptr.len as usize <= MAX_CHUNK
+            && f.metadata().is_ok_and(|m| {
+                ptr.offset
+                    .checked_add(ptr.len as u64)
+                    .is_some_and(|e| e <= m.len())
+            });
+        let mut buf = if fits {
+            vec![0u8; ptr.len as usize]
+        } else {
+            Vec::new()
+        };
+        if fits && f.read_exact_at(&mut buf, ptr.offset).is_ok() && Digest::of(&buf) == *id {
             if local {
                 touch(&f);
             }
@@ -415,25 +433,18 @@ impl NodeStore {
         Some(b)
     }
 
-    /// The sealed file `key`, opened for reading (local first, then the shared tier).
-    /// Its bytes were verified chunk by chunk when it was sealed.
+    /// The sealed file `key` of the local store, opened for reading. Its bytes were
+    /// verified chunk by chunk when this store sealed it; a shared tier's sealed files are
+    /// never handed out (their bytes reach readers only through verified chunk reads).
     pub fn open_sealed(&self, key: &Digest) -> Option<File> {
-        if let Ok(f) = File::open(NodeStore::sealed_path_in(&self.dir, key)) {
-            touch(&f);
-            return Some(f);
-        }
-        let shared = self.opts.shared.as_deref()?;
-        File::open(NodeStore::sealed_path_in(shared, key)).ok()
+        let f = File::open(NodeStore::sealed_path_in(&self.dir, key)).ok()?;
+        touch(&f);
+        Some(f)
     }
 
-    /// Whether the store or the shared tier has the sealed file `key`.
+    /// Whether the local store has the sealed file `key`.
     pub fn has_sealed(&self, key: &Digest) -> bool {
         NodeStore::sealed_path_in(&self.dir, key).exists()
-            || self
-                .opts
-                .shared
-                .as_deref()
-                .is_some_and(|s| NodeStore::sealed_path_in(s, key).exists())
     }
 
     /// Write the sealed file `key` from `chunks` (id, length), in order, taking each
@@ -450,16 +461,8 @@ impl NodeStore {
         }
         let final_path = NodeStore::sealed_path_in(&self.dir, key);
         let (tmp, f) = tempfile_in(&self.dir.join("tmp"))?;
-        let (ids_tmp, ids_f) = match tempfile_in(&self.dir.join("tmp")) {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
         let cleanup = || {
             let _ = fs::remove_file(&tmp);
-            let _ = fs::remove_file(&ids_tmp);
         };
         let mut out = io::BufWriter::with_capacity(1 << 20, f);
         let mut list = Vec::with_capacity(chunks.len() * 36);
@@ -489,6 +492,9 @@ impl NodeStore {
             offsets.push(offset);
             offset += *len as u64;
         }
+        // The list's temp file is made last: a seal of a huge file may outlast the age
+        // after which other processes clean up temp files.
+        let mut ids_tmp = None;
         let written = out
             .into_inner()
             .map_err(|e| e.into_error())
@@ -497,16 +503,23 @@ impl NodeStore {
                 f.set_permissions(fs::Permissions::from_mode(0o444))
             })
             .and_then(|_| {
-                let mut g = ids_f;
+                let (p, mut g) = tempfile_in(&self.dir.join("tmp"))?;
+                ids_tmp = Some(p.clone());
                 g.write_all(&list)?;
-                g.sync_data()
+                g.sync_data()?;
+                Ok(p)
             })
-            .and_then(|_| fs::create_dir_all(final_path.parent().unwrap_or(&self.dir)))
             // The list first: a sealed file is never without its list.
-            .and_then(|_| fs::rename(&ids_tmp, final_path.with_extension(IDS_EXT)))
+            .and_then(|ids| {
+                fs::create_dir_all(final_path.parent().unwrap_or(&self.dir))?;
+                fs::rename(&ids, final_path.with_extension(IDS_EXT))
+            })
             .and_then(|_| fs::rename(&tmp, &final_path));
         if let Err(e) = written {
             cleanup();
+            if let Some(p) = ids_tmp {
+                let _ = fs::remove_file(p);
+            }
             let _ = fs::remove_file(final_path.with_extension(IDS_EXT));
             return Err(e);
         }
@@ -655,11 +668,15 @@ impl NodeStore {
                 Ok(()) => p
                     .parent()
                     .map_or(Ok(()), fs::create_dir_all)
-                    .and_then(|_| fs::rename(&tmp, &p)),
+                    .and_then(|_| rename_noreplace(&tmp, &p)),
                 Err(_) => Err(io::Error::other("not synced")),
             };
             match moved {
-                Ok(()) => added += len,
+                Ok(true) => added += len,
+                // Sealed (a pointer) or written by another process meanwhile.
+                Ok(false) => {
+                    let _ = fs::remove_file(&tmp);
+                }
                 Err(e) => {
                     let _ = fs::remove_file(&tmp);
                     if result.is_ok() {
@@ -679,7 +696,13 @@ impl NodeStore {
         let mounts = self.dir.join("mounts");
         fs::create_dir_all(&mounts)?;
         let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
-        let base = mounts.join(format!("{}-{}", std::process::id(), pins.len()));
+        // Never reused while the process lives (mounts come and go in a daemon).
+        static PIN_SEQ: AtomicU64 = AtomicU64::new(0);
+        let base = mounts.join(format!(
+            "{}-{}",
+            std::process::id(),
+            PIN_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         let mut bytes = Vec::with_capacity(ids.len() * 32);
         for id in ids {
             bytes.extend_from_slice(&id.0);
@@ -778,7 +801,12 @@ impl NodeStore {
                 let kind = match id {
                     None => Kind::Misplaced,
                     Some(id) if m.len() == POINTER_LEN as u64 => {
-                        match fs::read(f.path()).ok().and_then(|b| Pointer::parse(&b)) {
+                        // A 48-byte chunk that happens to look like a pointer is a chunk.
+                        match fs::read(f.path())
+                            .ok()
+                            .filter(|b| Digest::of(b) != id)
+                            .and_then(|b| Pointer::parse(&b))
+                        {
                             Some(p) => Kind::Pointer(id, p),
                             None => Kind::Chunk(id),
                         }
@@ -922,8 +950,14 @@ impl NodeStore {
         let pinned = self.pinned_ids(&live);
         let (sealed, strays) = self.walk_sealed_with_strays()?;
         for p in strays {
+            // A list without its file: left by a seal that failed, or one that is being
+            // sealed right now (the list is renamed in first) — only old ones go.
             let ours = p.extension().and_then(|x| x.to_str()) == Some(IDS_EXT);
-            if ours && fs::remove_file(&p).is_ok() {
+            let old = fs::metadata(&p)
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(600))
+                .unwrap_or(false);
+            if ours && old && !p.with_extension("").exists() && fs::remove_file(&p).is_ok() {
                 r.dangling_removed += 1;
             }
         }
@@ -969,10 +1003,16 @@ impl NodeStore {
                         u.chunks += 1;
                         u.pinned |= pinned.contains(&id);
                     }
-                    None => {
+                    // Dangling, unless its file was sealed after the walk of files/.
+                    None if !NodeStore::sealed_path_in(&self.dir, &p.key).exists() => {
                         if fs::remove_file(&f.path).is_ok() {
                             r.dangling_removed += 1;
                         }
+                    }
+                    None => {
+                        r.kept_chunks += 1;
+                        r.kept_bytes += f.len;
+                        total += f.len;
                     }
                 },
                 Kind::Misplaced => total += f.len,
@@ -1081,18 +1121,9 @@ impl NodeStore {
         let Ok(list) = fs::read(f.path.with_extension(IDS_EXT)) else {
             return false;
         };
-        if list.len() % 36 != 0 {
+        let Some(ids) = parse_chunk_list(&list) else {
             return false;
-        }
-        let ids: Vec<(Digest, u32)> = list
-            .chunks_exact(36)
-            .filter_map(|e| {
-                Some((
-                    Digest(e[..32].try_into().ok()?),
-                    u32::from_le_bytes(e[32..].try_into().ok()?),
-                ))
-            })
-            .collect();
+        };
         if file_key(ids.iter().map(|(id, _)| id)) != f.key {
             return false;
         }
@@ -1140,9 +1171,16 @@ impl NodeStore {
                 Kind::Chunk(id) => {
                     r.bytes += f.len;
                     let ok = fs::read(&f.path)
-                        .map(|b| Digest::of(&b) == id)
+                        .map(|b| {
+                            // Sealed since the walk: a pointer now, checked as one.
+                            Digest::of(&b) == id
+                                || Pointer::parse(&b).is_some_and(|p| {
+                                    self.read_pointed(&self.dir, &f.path, &id, &p, true)
+                                        .is_some()
+                                })
+                        })
                         .unwrap_or(false);
-                    if !ok {
+                    if !ok && f.path.exists() {
                         let _ = fs::remove_file(&f.path);
                         r.corrupt_removed.push(id.to_string());
                     }
@@ -1170,6 +1208,44 @@ impl NodeStore {
         }
         progress(total, total);
         Ok(r)
+    }
+}
+
+/// A sealed file's chunk list (`<key>.ids`): (sha256, u32 LE length) per chunk.
+pub(crate) fn parse_chunk_list(b: &[u8]) -> Option<Vec<(Digest, u32)>> {
+    if !b.len().is_multiple_of(36) {
+        return None;
+    }
+    b.chunks_exact(36)
+        .map(|e| {
+            Some((
+                Digest(e[..32].try_into().ok()?),
+                u32::from_le_bytes(e[32..].try_into().ok()?),
+            ))
+        })
+        .collect()
+}
+
+/// Rename `from` to `to` unless `to` exists: Ok(false) when it did. Filesystems without
+/// RENAME_NOREPLACE fall back to a check and a plain rename (a narrow race: at worst a
+/// chunk is stored twice).
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
+    match rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::EXIST) => Ok(false),
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            if to.exists() {
+                return Ok(false);
+            }
+            fs::rename(from, to).map(|_| true)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1496,5 +1572,47 @@ mod tests {
         assert!(!s.has_sealed(&key));
         let st = s.stats().unwrap();
         assert_eq!((st.chunks, st.bytes, st.sealed_files), (0, 0, 0));
+    }
+
+    #[test]
+    fn pins_are_never_reused_while_mounts_come_and_go() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let a = s.pin(&[], &MountInfo::default()).unwrap();
+        let b = s.pin(&[], &MountInfo::default()).unwrap();
+        s.unpin(&a);
+        let c = s.pin(&[], &MountInfo::default()).unwrap();
+        assert_ne!(b, c, "a new mount took over a live mount's pin");
+        assert!(b.with_extension("pin").exists());
+    }
+
+    #[test]
+    fn a_chunk_that_looks_like_a_pointer_is_a_chunk_and_bad_pointers_are_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let mut fake = Pointer {
+            key: Digest::of(b"k"),
+            offset: 0,
+            len: 10,
+        }
+        .encode()
+        .to_vec();
+        let id = put(&s, &fake);
+        let st = s.stats().unwrap();
+        assert_eq!((st.chunks, st.pointers), (1, 0));
+        assert_eq!(s.get(&id).unwrap(), fake);
+        // A pointer claiming 4 GiB is refused without allocating it.
+        let (list, _) = stored_file(&s);
+        let key = file_key(list.iter().map(|(id, _)| id));
+        s.seal(&key, &list, &|_| None).unwrap();
+        fake = Pointer {
+            key,
+            offset: 0,
+            len: u32::MAX,
+        }
+        .encode()
+        .to_vec();
+        fs::write(s.path(&list[0].0), &fake).unwrap();
+        assert!(s.get(&list[0].0).is_none());
     }
 }
