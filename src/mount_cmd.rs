@@ -355,7 +355,7 @@ pub fn start(
     o: &MountOpts,
     store: &Arc<NodeStore>,
 ) -> Result<(Arc<Job>, Session)> {
-    let fetch = FetchOptions {
+    let mut fetch = FetchOptions {
         max_wait: Duration::from_secs(o.fetch_timeout),
         readahead: o.readahead,
         workers: o.fetch_workers,
@@ -373,7 +373,6 @@ pub fn start(
     let rate = img.index_desc.size as f64 / img.index_fetch.as_secs_f64().max(1e-6);
     tracing::info!(image = %reference, index_bytes = img.index_desc.size, bytes_per_s = rate as u64, "index fetched");
     let img = Arc::new(img);
-    let mut fetch = fetch.clone();
     if img.index_desc.size >= 64 << 10 {
         fetch.link_rate = Some(rate);
     }

@@ -224,6 +224,18 @@ pub struct Fetcher {
     pub stats: FetchStats,
 }
 
+/// A file's chunks as a sealed file lists them: (id, length), in order; None if the
+/// index names a chunk it does not have.
+pub(crate) fn sealed_list(
+    index: &tessera_format::index::Index,
+    f: &tessera_format::index::FileData,
+) -> Option<Vec<(tessera_format::Digest, u32)>> {
+    f.chunks
+        .iter()
+        .map(|&c| index.chunks.get(c as usize).map(|l| (l.id, l.len)))
+        .collect()
+}
+
 fn retriable(e: &OciError) -> bool {
     matches!(
         e,
@@ -361,14 +373,9 @@ impl Fetcher {
         else {
             return;
         };
-        let list: Vec<(tessera_format::Digest, u32)> = f
-            .chunks
-            .iter()
-            .filter_map(|&c| index.chunks.get(c as usize).map(|l| (l.id, l.len)))
-            .collect();
-        if list.len() != f.chunks.len() {
+        let Some(list) = sealed_list(index, f) else {
             return;
-        }
+        };
         let key = file_key(list.iter().map(|(id, _)| id));
         if self.store.has_sealed(&key) {
             return;

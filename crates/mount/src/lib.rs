@@ -285,23 +285,23 @@ impl ImageFs {
         self.passthrough_min = min.map(|m| m.max(1));
     }
 
+    /// File entry `i`, if it is large enough to be sealed.
+    fn sealable(&self, i: usize) -> Option<&FileData> {
+        let min = self.passthrough_min?;
+        match &self.image.index.entries.get(i)?.node {
+            Node::File(_, f) if f.size >= min => Some(f),
+            _ => None,
+        }
+    }
+
     /// The sealed-file key of file entry `i`, if it is large enough to be sealed.
     fn seal_key(&self, i: usize) -> Option<Digest> {
-        let min = self.passthrough_min?;
-        let Node::File(_, f) = &self.image.index.entries.get(i)?.node else {
-            return None;
-        };
-        (f.size >= min).then(|| self.key_of(f)).flatten()
+        self.key_of(self.sealable(i)?)
     }
 
     fn key_of(&self, f: &FileData) -> Option<Digest> {
-        let chunks = &self.image.index.chunks;
-        let ids: Option<Vec<&Digest>> = f
-            .chunks
-            .iter()
-            .map(|&c| chunks.get(c as usize).map(|l| &l.id))
-            .collect();
-        Some(store::file_key(ids?))
+        let list = fetch::sealed_list(&self.image.index, f)?;
+        Some(store::file_key(list.iter().map(|(id, _)| id)))
     }
 
     /// Keys of every file this mount would seal (pinned with the chunks while mounted).
@@ -357,7 +357,7 @@ impl ImageFs {
                 self.fetcher
                     .stats
                     .passthrough_opens
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_add(1, Ordering::Relaxed);
                 return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
             }
         }
@@ -384,7 +384,7 @@ impl ImageFs {
             st.cached = st.cached.saturating_sub(1);
             if st.cached == 0
                 && self.passthrough_ok.load(Ordering::Relaxed)
-                && self.seal_key(i as usize).is_some()
+                && self.sealable(i as usize).is_some()
             {
                 self.fetcher.request_seal(i);
             }
