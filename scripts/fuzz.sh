@@ -34,7 +34,7 @@ libfuzzer_flags=(-rss_limit_mb=2048 -max_len=65536 -timeout=10)
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
     echo "==> installing cargo-fuzz from crates.io"
-    cargo install cargo-fuzz --locked
+    cargo install cargo-fuzz --version 0.13.2 --locked
 fi
 
 if [[ -n "${FUZZ_TARGETS:-}" ]]; then

@@ -1,4 +1,4 @@
-//! Every corpus image (../shared/corpus/make-corpus.sh; scripts/test.sh builds it into
+//! Every corpus image (scripts/corpus.sh; scripts/test.sh builds it into
 //! $TESSERA_CORPUS): convert into one store with a growing chunk dictionary, unpack, and
 //! compare with `umoci unpack` of the source. Also the zstd variant and docker-archives.
 
@@ -12,7 +12,7 @@ fn corpus() -> PathBuf {
     );
     assert!(
         dir.join("summary.json").exists(),
-        "the image corpus is missing at {}: run scripts/test.sh, or ../shared/corpus/make-corpus.sh DIR and set TESSERA_CORPUS=DIR",
+        "the image corpus is missing at {}: run scripts/test.sh, or scripts/corpus.sh DIR and set TESSERA_CORPUS=DIR",
         dir.display()
     );
     dir

@@ -646,14 +646,16 @@ print(json.dumps(res))
 
 #[test]
 fn oras_push_referrers_and_pull() {
-    require_tool("python3", "python3");
+    // scripts/test.sh installs oras into a virtual environment and names its python here.
+    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
+    require_tool(&python, "python3");
     let probe = run_bounded(
-        Command::new("python3").args(["-c", "import oras.client, oras.oci"]),
+        Command::new(&python).args(["-c", "import oras.client, oras.oci"]),
         Duration::from_secs(30),
     );
     assert!(
         probe.ok,
-        "the Python package oras is required for this test: install with pip install oras (scripts/test.sh does this)\n{}",
+        "the Python package oras is required for this test: `python3 -m venv V && V/bin/pip install oras`, then TESSERA_PYTHON=V/bin/python3 (scripts/test.sh does this)\n{}",
         probe.stderr
     );
     let s = start_server();
@@ -667,7 +669,7 @@ fn oras_push_referrers_and_pull() {
     std::fs::create_dir_all(&out).unwrap();
 
     let stdout = run_ok(
-        Command::new("python3")
+        Command::new(&python)
             .arg(w.join("script.py"))
             .arg(&s.addr)
             .arg(&out)

@@ -23,7 +23,7 @@ fn corpus() -> PathBuf {
     );
     assert!(
         c.join("layout/index.json").exists(),
-        "corpus missing at {}: run ../shared/corpus/make-corpus.sh {} (scripts/test.sh does this)",
+        "corpus missing at {}: run scripts/corpus.sh {} (scripts/test.sh does this)",
         c.display(),
         c.display()
     );

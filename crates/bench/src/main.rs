@@ -22,7 +22,7 @@ use std::time::Instant;
   cargo run --release -p tessera-bench -- --corpus /var/cache/tessera/corpus --work /var/tmp/tessera-bench"
 )]
 struct Args {
-    /// Corpus directory (../shared/corpus/make-corpus.sh output).
+    /// Corpus directory (scripts/corpus.sh output).
     #[arg(long, default_value = "/var/cache/tessera/corpus")]
     corpus: PathBuf,
     /// Scratch directory (emptied first).
@@ -391,7 +391,7 @@ fn main() -> Result<()> {
         bail!("{} not found: install it with `apt-get install cmake && cargo install nydus-rs --locked`", args.nydus_image);
     }
     let summary = read_json(&args.corpus.join("summary.json"))
-        .context("corpus summary (run ../shared/corpus/make-corpus.sh)")?;
+        .context("corpus summary (run scripts/corpus.sh)")?;
     let _ = std::fs::remove_dir_all(args.work.join("pair-debian-base-debian-base-rebuilt"));
     std::fs::create_dir_all(&args.work)?;
     let ctx = Ctx {

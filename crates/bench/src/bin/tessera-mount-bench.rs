@@ -66,7 +66,7 @@ use std::time::{Duration, Instant};
 
 Runs as root (network namespaces, tc, FUSE, chroot, drop_caches). Needs skopeo, umoci,
 iproute2 (ip, tc), util-linux (nsenter, umount), gzip, the corpus
-(../shared/corpus/make-corpus.sh), and for the nydusd column nydus-image and nydusd
+(scripts/corpus.sh), and for the nydusd column nydus-image and nydusd
 (cargo install nydus-rs --locked). Creates and deletes the network namespaces tmb-reg and
 tmb-cli (deleted first if left over). Exits non-zero on errors and failed correctness
 checks only: missed targets are marked MISSED in the table."
@@ -947,7 +947,7 @@ fn read_json(p: &Path) -> Result<Value> {
 /// Layer blobs (paths, in order) of tag `image` in the OCI layout.
 fn layout_layers(layout: &Path, image: &str) -> Result<Vec<PathBuf>> {
     let index = read_json(&layout.join("index.json"))
-        .context("corpus OCI layout (run ../shared/corpus/make-corpus.sh)")?;
+        .context("corpus OCI layout (run scripts/corpus.sh)")?;
     let digest = index["manifests"]
         .as_array()
         .context("index.json manifests")?

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
       --corpus /var/cache/tessera/corpus --json /tmp/bench-registry.json
 
 Needs skopeo, docker-registry (Debian: apt-get install skopeo docker-registry) and the
-corpus (../shared/corpus/make-corpus.sh). Exits non-zero on errors only: missed targets
+corpus (scripts/corpus.sh). Exits non-zero on errors only: missed targets
 are marked MISSED in the table."
 )]
 struct Args {
@@ -137,7 +137,7 @@ fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf> {
 fn load_corpus(dir: &Path) -> Result<Corpus> {
     let layout = dir.join("layout");
     let index = read_json(&layout.join("index.json"))
-        .context("corpus OCI layout (run ../shared/corpus/make-corpus.sh)")?;
+        .context("corpus OCI layout (run scripts/corpus.sh)")?;
     let mut images = Vec::new();
     let mut seen: BTreeMap<String, u64> = BTreeMap::new();
     let mut layers: Vec<Blob> = Vec::new();
