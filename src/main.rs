@@ -334,7 +334,7 @@ fn progress(cli: &Cli) -> MultiProgress {
 fn client_opts(reg: &RegistryArgs) -> ClientOptions {
     ClientOptions {
         creds: reg.creds.clone(),
-        docker_config: None,
+        ..ClientOptions::default()
     }
 }
 

@@ -1,12 +1,14 @@
 //! Where images live: image references, the [`Store`] trait, and its three
 //! implementations — OCI image layouts, `docker save` archives and registries speaking
-//! the OCI Distribution API (with the anonymous bearer-token flow and docker
-//! credentials).
+//! the OCI Distribution API ([`client`]: the one Distribution client of tessera, async,
+//! with [`auth`] for challenges, tokens and docker credentials and helpers).
 //!
 //! Every blob read through a store is verified against its digest and size before the
 //! reader reports end of file.
 
 pub mod archive;
+pub mod auth;
+pub mod client;
 pub mod layout;
 pub mod manifest;
 pub mod reference;
@@ -80,6 +82,12 @@ pub trait Store: Send + Sync {
     fn open_blob(&self, digest: &Digest, size: u64) -> Result<Box<dyn Read + Send>>;
     /// Bytes `offset..offset+len` of a blob (unverified: callers verify chunk ids).
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// Whether this store was seen answering a range read with the whole blob (a
+    /// registry that ignores `Range`): a reader of many ranges should then fetch the
+    /// blob once instead.
+    fn ignores_range(&self) -> bool {
+        false
+    }
     /// Whether the store holds the blob.
     fn has_blob(&self, digest: &Digest) -> Result<bool>;
     /// Store a blob from a file whose digest is already known.
@@ -175,11 +183,12 @@ pub fn open(
             Ok((Box::new(archive::DockerArchive::open(file)?), None))
         }
         ImageRef::Registry {
-            host,
             repo,
             reference,
             plain_http,
+            ..
         } => {
+            let host = r.api_host().unwrap_or_default();
             let client = registry::Registry::new(host, repo, *plain_http, opts)?;
             Ok((Box::new(client), reference.clone()))
         }

@@ -29,26 +29,63 @@ pub fn is_loopback_host(host: &str) -> bool {
     h == "localhost" || h.starts_with("127.") || h == "::1"
 }
 
-fn valid_repo(repo: &str) -> bool {
-    // OCI distribution: path components of [a-z0-9]+ separated by . _ __ or -+
-    !repo.is_empty()
-        && repo.split('/').all(|c| {
-            !c.is_empty()
-                && c.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-                && c.as_bytes()[0].is_ascii_alphanumeric()
-                && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
-        })
+/// Docker Hub's name in references (`docker.io/library/debian`).
+pub const DOCKER_HUB: &str = "docker.io";
+/// The host that serves Docker Hub's Distribution API.
+pub const DOCKER_HUB_API_HOST: &str = "registry-1.docker.io";
+
+/// A repository name as the distribution spec defines it:
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(\/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*`, at most 255
+/// bytes. The one grammar of names in tessera: references, the registry's routes and
+/// the proxy all use it.
+pub fn valid_repo(name: &str) -> bool {
+    if name.is_empty() || name.len() > 255 {
+        return false;
+    }
+    name.split('/').all(valid_component)
 }
 
-fn valid_tag(tag: &str) -> bool {
-    !tag.is_empty()
-        && tag.len() <= 128
-        && tag.as_bytes()[0] != b'.'
-        && tag.as_bytes()[0] != b'-'
-        && tag
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+fn valid_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        // a separator run: ".", "_", "__" or "-+"
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// A tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
+pub fn valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b[1..]
+            .iter()
+            .all(|&x| x.is_ascii_alphanumeric() || x == b'_' || x == b'.' || x == b'-')
+}
+
+/// Whether the first component of a reference names a registry host rather than a
+/// repository (docker's rule: it has a '.' or a ':', or is `localhost`).
+fn is_host_component(c: &str) -> bool {
+    c.contains('.') || c.contains(':') || c == "localhost"
 }
 
 impl ImageRef {
@@ -90,16 +127,27 @@ impl ImageRef {
                 file: PathBuf::from(rest),
             });
         }
-        let Some((host, path)) = s.split_once('/') else {
-            return Err(err(
-                "expected HOST[:PORT]/REPO[:TAG|@DIGEST], oci:DIR[:TAG] or docker-archive:FILE",
-            ));
+        // As docker and containerd do: no host means Docker Hub, and a one-component
+        // repository there is under `library/`.
+        let (host, path) = match s.split_once('/') {
+            Some((h, p)) if is_host_component(h) => (h, p.to_string()),
+            _ => (DOCKER_HUB, s.to_string()),
         };
-        if host.is_empty() || !(host.contains('.') || host.contains(':') || host == "localhost") {
+        if host.is_empty() || path.is_empty() {
             return Err(err(
-                "the first component must be a registry host (e.g. localhost:5000/repo:tag)",
+                "expected [HOST[:PORT]/]REPO[:TAG|@DIGEST], oci:DIR[:TAG] or docker-archive:FILE",
             ));
         }
+        let host = match host {
+            "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => DOCKER_HUB,
+            h => h,
+        };
+        let path = if host == DOCKER_HUB && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path
+        };
+        let path = path.as_str();
         let (repo, reference) = if let Some((r, d)) = path.split_once('@') {
             d.parse::<tessera_format::Digest>()
                 .map_err(|e| err(&e.to_string()))?;
@@ -128,6 +176,18 @@ impl ImageRef {
             reference,
             plain_http: plain_http || is_loopback_host(host),
         })
+    }
+}
+
+impl ImageRef {
+    /// The host that serves a registry reference's API (Docker Hub's names map to
+    /// `registry-1.docker.io`); None for layouts and archives.
+    pub fn api_host(&self) -> Option<&str> {
+        match self {
+            ImageRef::Registry { host, .. } if host == DOCKER_HUB => Some(DOCKER_HUB_API_HOST),
+            ImageRef::Registry { host, .. } => Some(host),
+            _ => None,
+        }
     }
 }
 
@@ -221,8 +281,9 @@ mod tests {
     #[test]
     fn rejects_bad_references() {
         for bad in [
-            "ubuntu",
+            "Ubuntu",
             "localhost:5000/UPPER",
+            "localhost:5000/",
             "localhost:5000/a//b",
             "localhost:5000/a:bad tag",
             "oci:",
@@ -231,6 +292,68 @@ mod tests {
         ] {
             assert!(ImageRef::parse(bad, false).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn docker_hub_names() {
+        for (input, repo, reference) in [
+            ("ubuntu", "library/ubuntu", None),
+            ("ubuntu:22.04", "library/ubuntu", Some("22.04")),
+            ("docker.io/ubuntu", "library/ubuntu", None),
+            (
+                "index.docker.io/library/ubuntu:x",
+                "library/ubuntu",
+                Some("x"),
+            ),
+            ("someone/app:1", "someone/app", Some("1")),
+            ("registry-1.docker.io/someone/app", "someone/app", None),
+        ] {
+            let r = ImageRef::parse(input, false).unwrap();
+            assert_eq!(
+                r,
+                ImageRef::Registry {
+                    host: DOCKER_HUB.into(),
+                    repo: repo.into(),
+                    reference: reference.map(str::to_string),
+                    plain_http: false,
+                },
+                "{input}"
+            );
+            assert_eq!(r.api_host(), Some(DOCKER_HUB_API_HOST));
+        }
+        let r = ImageRef::parse("ubuntu:22.04", false).unwrap();
+        assert_eq!(r.to_string(), "docker.io/library/ubuntu:22.04");
+        // A host keeps a one-component repository as it is.
+        let r = ImageRef::parse("localhost:5000/app", false).unwrap();
+        assert_eq!(r.api_host(), Some("localhost:5000"));
+        assert_eq!(r.to_string(), "localhost:5000/app");
+    }
+
+    #[test]
+    fn names_and_tags() {
+        for ok in [
+            "a",
+            "library/debian",
+            "a/b/c",
+            "x.y_z__w---v",
+            "a/blobs/manifests/x",
+        ] {
+            assert!(valid_repo(ok), "{ok}");
+        }
+        for bad in [
+            "", "A", "-a", "a-", "a//b", "a___b", "a..b", "/a", "a/", "a_.b", "é",
+        ] {
+            assert!(!valid_repo(bad), "{bad}");
+        }
+        assert!(!valid_repo(&"a".repeat(256)));
+        assert!(valid_tag("latest"));
+        assert!(valid_tag("_x.Y-1"));
+        assert!(valid_tag(&"a".repeat(128)));
+        assert!(!valid_tag(&"a".repeat(129)));
+        assert!(!valid_tag(".a"));
+        assert!(!valid_tag("-a"));
+        assert!(!valid_tag(""));
+        assert!(!valid_tag("a:b"));
     }
 
     #[test]
