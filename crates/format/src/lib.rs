@@ -15,7 +15,7 @@ pub mod index;
 pub mod media;
 pub mod pack;
 
-pub use digest::{Digest, DigestError};
+pub use digest::{Algorithm, Digest, DigestError, DigestHasher, OciDigest};
 
 /// Version of the tessera format written by this crate (index and pack).
 pub const FORMAT_VERSION: u32 = 1;
