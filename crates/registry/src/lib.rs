@@ -23,6 +23,7 @@ pub mod meta;
 pub mod metrics;
 pub mod names;
 pub mod proxy;
+pub mod token;
 pub mod twin;
 
 use crate::api::{parse_route, required_action, Hashers, Route, Shared};
