@@ -2,13 +2,12 @@
 //! manifest is accepted, their chunks enter the global chunk index, and clients ask in
 //! bulk which chunks the registry already holds.
 
-use crate::api::Shared;
 use crate::backend::Backend;
 use crate::config::Action;
 use crate::error::{ApiError, Code, StoreError};
 use crate::meta::ChunkHit;
 use crate::names::BlobDigest;
-use crate::Registry;
+use crate::state::{Registry, Shared};
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -30,6 +29,17 @@ pub fn pack_chunk_ids(backend: &dyn Backend, d: &BlobDigest) -> Result<Vec<Strin
 }
 
 impl Registry {
+    /// Remove stored bytes nobody links any more (caller holds the write lock).
+    pub(crate) fn remove_bytes(&self, d: &BlobDigest) -> Result<(), StoreError> {
+        let ds = d.to_string();
+        if self.meta.pack_admitted(&ds)? {
+            let ids = pack_chunk_ids(self.backend.as_ref(), d)?;
+            self.meta.forget_pack(&ds, &ids)?;
+        }
+        self.backend.delete(d)?;
+        Ok(())
+    }
+
     /// Verify the packs and the index of a tessera manifest and admit the packs' chunks
     /// to the global chunk index. Runs before the manifest becomes visible; on any
     /// failure nothing is admitted.

@@ -6,10 +6,10 @@
 //! The converter talks to the registry through [`LocalRepo`], a `tessera_oci::Store`
 //! over one repository that goes through the same checks as HTTP pushes.
 
-use crate::api::{parse_manifest, Shared};
 use crate::error::{ApiError, StoreError};
+use crate::manifest::parse_manifest;
 use crate::names::{Algorithm, BlobDigest};
-use crate::Registry;
+use crate::state::{Registry, Shared};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
