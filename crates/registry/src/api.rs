@@ -731,8 +731,17 @@ async fn manifest_unknown(reg: &Shared, repo: &str, reference: &str) -> ApiError
     }
 }
 
+/// The reference of a manifest GET, HEAD or DELETE: one that is neither a tag nor a
+/// digest names no manifest, so the answer is 404 (400 is only for a PUT).
+async fn lookup_reference(reg: &Shared, repo: &str, r: &str) -> Result<Reference, ApiError> {
+    match parse_reference(r) {
+        Ok(reference) => Ok(reference),
+        Err(_) => Err(manifest_unknown(reg, repo, r).await),
+    }
+}
+
 async fn get_manifest(reg: Shared, repo: String, r: &str, head: bool) -> ApiResult {
-    let reference = parse_reference(r)?;
+    let reference = lookup_reference(&reg, &repo, r).await?;
     // A pull-through tag past its TTL is re-checked upstream before it is served.
     let fresh = match &reference {
         Reference::Tag(t) => reg.fresh_proxy_tag(&repo, t).await,
@@ -888,7 +897,7 @@ async fn delete_manifest(reg: Shared, repo: String, r: &str) -> ApiResult {
             "deletes are disabled on this registry",
         ));
     }
-    let reference = parse_reference(r)?;
+    let reference = lookup_reference(&reg, &repo, r).await?;
     let (reg2, repo2) = (reg.clone(), repo.clone());
     let existed = blocking(move || match reference {
         Reference::Tag(t) => Ok(reg2.meta.delete_tag(&repo2, &t)?),
@@ -957,10 +966,14 @@ async fn tags(reg: Shared, repo: String, query: &[(String, String)]) -> ApiResul
 async fn catalog(reg: Shared, query: &[(String, String)], headers: &HeaderMap) -> ApiResult {
     let n = page_size(query, 1000, 10_000)?;
     let last = q(query, "last").map(str::to_string);
-    let reg2 = reg.clone();
-    let (mut repos, more) = blocking(move || Ok(reg2.meta.repos(last.as_deref(), n)?)).await?;
-    // Only the repositories the caller may pull from.
-    repos.retain(|r| reg.may(headers, Some(r), Action::Pull));
+    let (reg2, headers) = (reg.clone(), headers.clone());
+    // Only the repositories the caller may pull from, filtered before the page is cut.
+    let (repos, more) = blocking(move || {
+        Ok(reg2.meta.repos(last.as_deref(), n, |r| {
+            reg2.may(&headers, Some(r), Action::Pull)
+        })?)
+    })
+    .await?;
     let body = serde_json::json!({ "repositories": repos }).to_string();
     let mut reply = Reply::new(StatusCode::OK).h("content-type", "application/json");
     if more && n > 0 {

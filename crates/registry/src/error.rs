@@ -17,6 +17,8 @@ pub enum ServeError {
     Auth(#[from] AuthError),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("a start-up task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,

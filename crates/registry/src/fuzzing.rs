@@ -23,7 +23,7 @@ pub fn registry_inputs(data: &[u8]) {
         if let Ok(p) = parse_manifest(data, ct, &d) {
             // Whatever is accepted names only well-formed digests and is JSON.
             assert!(serde_json::from_slice::<serde_json::Value>(data).is_ok());
-            for r in &p.required {
+            for (r, _) in &p.required {
                 assert!(BlobDigest::parse(&r.to_string()).is_ok());
             }
             let _ = p.wants_twin();

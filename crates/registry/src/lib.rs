@@ -17,6 +17,7 @@ pub mod auth;
 pub mod backend;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod ext;
 pub mod fuzzing;

@@ -30,12 +30,25 @@ impl Registry {
         // Shared publish lock across the checks and the commit: a blob cannot be deleted
         // between "the manifest's blobs are present" and "the manifest is visible".
         let _r = self.read_lock();
-        let missing: Vec<String> = parsed
-            .required
-            .iter()
-            .filter(|b| !matches!(self.meta.blob_in_repo(repo, b), Ok(Some(_))))
-            .map(|b| b.to_string())
-            .collect();
+        let mut missing = Vec::new();
+        for (b, declared) in &parsed.required {
+            match self.meta.blob_in_repo(repo, b)? {
+                None => missing.push(b.to_string()),
+                // A descriptor must describe the blob: a client reading `size` bytes of
+                // it would otherwise get a short or a failing read.
+                Some(stored) if stored != *declared => {
+                    return Err(invalid(format!(
+                        "descriptor of blob {b} says {declared} bytes, but the blob has {stored}"
+                    ))
+                    .detail(serde_json::json!({
+                        "digest": b.to_string(),
+                        "size": declared,
+                        "stored": stored,
+                    })))
+                }
+                Some(_) => {}
+            }
+        }
         if let Some(first) = missing.first() {
             return Err(ApiError::new(
                 Code::ManifestBlobUnknown,
@@ -43,7 +56,9 @@ impl Registry {
             )
             .detail(serde_json::json!({ "digests": missing })));
         }
-        if parsed.artifact_type.as_deref() == Some(tessera_format::media::ARTIFACT_TYPE) {
+        // Packs are verified whatever the artifactType says: a manifest cannot smuggle
+        // unverified packs (or a pack-less tessera image) past the checks.
+        if parsed.is_tessera() {
             self.admit_tessera_layers(&parsed.layers)?;
         }
         let meta = ManifestMeta {
@@ -62,8 +77,9 @@ impl Registry {
 /// Everything `put_manifest` learns from the manifest body.
 pub(crate) struct Parsed {
     pub(crate) media_type: String,
-    /// Blobs that must be in the repository (config and layers of an image manifest).
-    pub(crate) required: Vec<BlobDigest>,
+    /// Blobs that must be in the repository (config and layers of an image manifest),
+    /// with the size their descriptor gives.
+    pub(crate) required: Vec<(BlobDigest, u64)>,
     pub(crate) subject: Option<BlobDigest>,
     /// The descriptor listed by the referrers API when `subject` is set.
     pub(crate) referrer: serde_json::Value,
@@ -72,6 +88,16 @@ pub(crate) struct Parsed {
 }
 
 impl Parsed {
+    /// A tessera image by its artifactType or by any of its layers' media types: these
+    /// get their packs verified and need exactly one index layer (docs/format.md §5).
+    pub(crate) fn is_tessera(&self) -> bool {
+        self.artifact_type.as_deref() == Some(tessera_format::media::ARTIFACT_TYPE)
+            || self.layers.iter().any(|(mt, _, _)| {
+                mt == tessera_format::media::PACK_MEDIA_TYPE
+                    || mt == tessera_format::media::INDEX_MEDIA_TYPE
+            })
+    }
+
     /// Images and image indexes (not artifacts, not tessera images) get a tessera twin
     /// under --convert-on-push.
     pub(crate) fn wants_twin(&self) -> bool {
@@ -135,8 +161,14 @@ pub(crate) fn parse_manifest(
         }
         (Some(f), _) => f.to_string(),
         (None, Some(c)) => c.to_string(),
-        (None, None) if obj.contains_key("manifests") => MANIFEST_TYPES[1].to_string(),
-        (None, None) => MANIFEST_TYPES[0].to_string(),
+        // Neither says what the body is: guessing could store an index as an image
+        // manifest (or the reverse) and serve it with the wrong type forever.
+        (None, None) => {
+            return Err(invalid(format!(
+                "the Content-Type header is required (one of {}) when the manifest has no mediaType field",
+                MANIFEST_TYPES.join(", ")
+            )))
+        }
     };
     if !MANIFEST_TYPES.contains(&media_type.as_str()) {
         return Err(invalid(format!(
@@ -163,8 +195,8 @@ pub(crate) fn parse_manifest(
         let config = obj
             .get("config")
             .ok_or_else(|| invalid("an image manifest needs a config descriptor"))?;
-        let (cd, _, cmt) = descriptor_digest(config, "config")?;
-        required.push(cd);
+        let (cd, csize, cmt) = descriptor_digest(config, "config")?;
+        required.push((cd, csize));
         if desc_artifact.is_none() {
             desc_artifact = Some(cmt);
         }
@@ -182,7 +214,7 @@ pub(crate) fn parse_manifest(
                 || mt.contains("foreign")
                 || l.get("urls").is_some();
             if !foreign {
-                required.push(ld.clone());
+                required.push((ld.clone(), size));
             }
             layers.push((mt, ld, size));
         }
@@ -238,7 +270,7 @@ mod tests {
             &d,
         )
         .unwrap();
-        assert_eq!(p.required, vec![cfg]);
+        assert_eq!(p.required, vec![(cfg, 2)]);
         assert_eq!(p.subject, Some(d.clone()));
         assert_eq!(p.referrer["artifactType"], "application/x");
         assert_eq!(p.referrer["annotations"]["a"], "b");
@@ -254,5 +286,36 @@ mod tests {
             parse_manifest(b"[]", None, &d).err().unwrap().code,
             Code::ManifestInvalid
         );
+    }
+
+    #[test]
+    fn content_type_is_required_unless_the_body_names_its_type() {
+        let d = BlobDigest::of(Algorithm::Sha256, b"x");
+        let cfg = BlobDigest::of(Algorithm::Sha256, b"{}");
+        let mut m = serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cfg.to_string(), "size": 2},
+            "layers": []
+        });
+        let body = serde_json::to_vec(&m).unwrap();
+        for ct in [
+            None,
+            Some("application/json"),
+            Some("application/octet-stream"),
+        ] {
+            let e = parse_manifest(&body, ct, &d).err().unwrap();
+            assert_eq!(e.code, Code::ManifestInvalid);
+            assert!(
+                e.message.contains("Content-Type header is required"),
+                "{}",
+                e.message
+            );
+        }
+        let p = parse_manifest(&body, Some(MANIFEST_TYPES[0]), &d).unwrap();
+        assert_eq!(p.media_type, MANIFEST_TYPES[0]);
+        m["mediaType"] = serde_json::Value::from(MANIFEST_TYPES[0]);
+        let body = serde_json::to_vec(&m).unwrap();
+        let p = parse_manifest(&body, None, &d).unwrap();
+        assert_eq!(p.media_type, MANIFEST_TYPES[0]);
     }
 }

@@ -2,14 +2,16 @@
 //! behind the access check), request metrics and logging, and start-up and shutdown.
 
 use crate::api;
+use crate::auth::Identity;
 use crate::config::Config;
+use crate::conn::{Limited, Limits, MakeConn};
 use crate::error::{ApiError, Code, ServeError};
 use crate::ext;
 use crate::metrics::{RequestLabels, RouteLabels};
 use crate::routes::{parse_route, required_action};
-use crate::state::{Registry, Shared};
+use crate::state::{challenge, Registry, Shared};
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -70,7 +72,16 @@ async fn v2(State(reg): State<Shared>, req: Request) -> Response {
     resp
 }
 
-async fn metrics_handler(State(reg): State<Shared>) -> Response {
+async fn metrics_handler(State(reg): State<Shared>, headers: HeaderMap) -> Response {
+    // With auth on, metrics are for accounts only unless `metrics_public` says otherwise.
+    if let Some(a) = reg.auth.as_ref().filter(|_| !reg.config.metrics_public) {
+        let hdr = headers.get("authorization").and_then(|v| v.to_str().ok());
+        // bcrypt takes tens of milliseconds: keep it off the async worker threads.
+        let who = tokio::task::block_in_place(|| a.identify(hdr));
+        if !matches!(who, Some(Identity::User(_))) {
+            return challenge().into_response();
+        }
+    }
     if let Ok((chunks, _)) = reg.meta.stats() {
         reg.metrics.chunks_indexed.set(chunks as i64);
     }
@@ -122,15 +133,28 @@ async fn observe(
     resp
 }
 
+/// Other methods on the fixed endpoints: an OCI JSON error, like every other error.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    ApiError::new(
+        Code::Unsupported,
+        format!("method {method} is not supported on {}", uri.path()),
+    )
+    .into_response()
+}
+
 /// The HTTP application (also used by tests in-process).
 pub fn router(reg: Shared) -> axum::Router {
     axum::Router::new()
-        .route("/metrics", axum::routing::get(metrics_handler))
+        .route(
+            "/metrics",
+            axum::routing::get(metrics_handler).fallback(method_not_allowed),
+        )
         .route(
             "/tessera/v1/chunks",
             axum::routing::post(ext::query_chunks)
+                .fallback(method_not_allowed)
                 // 100000 ids of 71 bytes; axum's default body limit is 2 MiB.
-                .layer(axum::extract::DefaultBodyLimit::max(16 << 20)),
+                .layer(axum::extract::DefaultBodyLimit::max(ext::MAX_QUERY_BYTES)),
         )
         .fallback(v2)
         .layer(axum::middleware::from_fn_with_state(reg.clone(), observe))
@@ -154,13 +178,14 @@ pub async fn serve(config: Config, ready: impl FnOnce(SocketAddr, bool)) -> Resu
     };
     let listen = config.listen;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let limits = Limits {
+        header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
+        idle_timeout: Duration::from_secs(config.idle_timeout_secs),
+        max_connections: config.max_connections,
+    };
     let root = config.root.clone();
     let cfg2 = config;
-    let reg: Shared = Arc::new(
-        tokio::task::spawn_blocking(move || Registry::open(cfg2))
-            .await
-            .map_err(|e| ServeError::Tls(e.to_string()))??,
-    );
+    let reg: Shared = Arc::new(start_up(move || Registry::open(cfg2)).await?);
     let listener = std::net::TcpListener::bind(listen).map_err(|source| ServeError::Listen {
         addr: listen,
         source,
@@ -202,12 +227,12 @@ pub async fn serve(config: Config, ready: impl FnOnce(SocketAddr, bool)) -> Resu
     }
     tracing::info!(%addr, root = %root.display(), tls = tls.is_some(), "registry listening");
     ready(addr, tls.is_some());
-    let app = router(reg).into_make_service();
+    let limited = Limited::new(axum_server::accept::NoDelayAcceptor::new(), limits);
+    let app = MakeConn::new(router(reg), &limits);
     let res = match tls {
         Some(t) => {
             // Small replies (Range GETs of one chunk) must not wait for delayed ACKs.
-            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(t)
-                .acceptor(axum_server::accept::NoDelayAcceptor::new());
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(t).acceptor(limited);
             axum_server::from_tcp(listener)
                 .map_err(|source| ServeError::Listen { addr, source })?
                 .acceptor(acceptor)
@@ -218,13 +243,21 @@ pub async fn serve(config: Config, ready: impl FnOnce(SocketAddr, bool)) -> Resu
         None => {
             axum_server::from_tcp(listener)
                 .map_err(|source| ServeError::Listen { addr, source })?
-                .acceptor(axum_server::accept::NoDelayAcceptor::new())
+                .acceptor(limited)
                 .handle(handle)
                 .serve(app)
                 .await
         }
     };
     res.map_err(|source| ServeError::Listen { addr, source })
+}
+
+/// Run blocking start-up work off the async threads; a task that panics is reported
+/// as such (not as, say, a TLS error).
+async fn start_up<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServeError> + Send + 'static,
+) -> Result<T, ServeError> {
+    tokio::task::spawn_blocking(f).await?
 }
 
 async fn shutdown_signal() {
@@ -239,5 +272,18 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_start_up_task_is_its_own_error() {
+        let e = start_up(|| -> Result<(), ServeError> { panic!("start-up task panics") })
+            .await
+            .err();
+        assert!(matches!(e, Some(ServeError::Join(_))), "{e:?}");
     }
 }

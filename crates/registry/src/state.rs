@@ -192,17 +192,22 @@ impl Registry {
         };
         match decision {
             Decision::Allow => Ok(()),
-            Decision::Challenge => Err(ApiError::new(
-                Code::Unauthorized,
-                "authentication required: log in with a user from the registry's htpasswd file",
-            )
-            .header("www-authenticate", "Basic realm=\"tessera\"")),
+            Decision::Challenge => Err(challenge()),
             Decision::Deny => Err(ApiError::new(
                 Code::Denied,
                 format!("this account may not {action:?} here"),
             )),
         }
     }
+}
+
+/// The 401 of a caller without (valid) credentials.
+pub(crate) fn challenge() -> ApiError {
+    ApiError::new(
+        Code::Unauthorized,
+        "authentication required: log in with a user from the registry's htpasswd file",
+    )
+    .header("www-authenticate", "Basic realm=\"tessera\"")
 }
 
 /// Held while a request writes to an upload session.
