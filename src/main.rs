@@ -247,6 +247,18 @@ struct ServeArgs {
     /// (untagged, same repository, found through the referrers API).
     #[arg(long)]
     convert_on_push: bool,
+    /// Seconds a client may take to send a request's headers [default: 30].
+    #[arg(long, value_name = "SECS")]
+    header_read_timeout: Option<u64>,
+    /// Seconds a connection may sit without a request before it is closed [default: 120].
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
+    /// Connections served at once; more wait in the listen backlog [default: 512].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Serve /metrics without credentials even when --htpasswd is set.
+    #[arg(long)]
+    metrics_public: bool,
 }
 
 fn serve(args: &ServeArgs) -> Result<i32> {
@@ -281,6 +293,18 @@ fn serve(args: &ServeArgs) -> Result<i32> {
     }
     if args.convert_on_push {
         cfg.convert_on_push = true;
+    }
+    if let Some(v) = args.header_read_timeout {
+        cfg.header_read_timeout_secs = v;
+    }
+    if let Some(v) = args.idle_timeout {
+        cfg.idle_timeout_secs = v;
+    }
+    if let Some(v) = args.max_connections {
+        cfg.max_connections = v;
+    }
+    if args.metrics_public {
+        cfg.metrics_public = true;
     }
     for u in &args.upstream {
         cfg.upstream

@@ -375,7 +375,7 @@ fn c03_tag_grammar() {
 // ---- C.4 digests ----------------------------------------------------------------------
 
 #[test]
-fn c04_garbled_digests_are_400() {
+fn c04_garbled_digests() {
     let s = TesseraServe::start();
     push_image(&s, "r", "v1", 1);
     let short = format!("sha256:{}", "a".repeat(63));
@@ -395,12 +395,13 @@ fn c04_garbled_digests_are_400() {
             400,
             &["DIGEST_INVALID"],
         );
-        assert_error(s.get_manifest("r", bad), 400, &["DIGEST_INVALID"]);
-        assert_eq!(s.head_manifest("r", bad).status(), 400, "{bad}");
+        // A manifest reference that is neither a tag nor a digest names no manifest.
+        assert_error(s.get_manifest("r", bad), 404, &["MANIFEST_UNKNOWN"]);
+        assert_eq!(s.head_manifest("r", bad).status(), 404, "{bad}");
         assert_error(
             s.delete(&format!("/v2/r/manifests/{bad}")),
-            400,
-            &["DIGEST_INVALID"],
+            404,
+            &["MANIFEST_UNKNOWN"],
         );
         // Closing an upload with a garbled digest.
         let loc = s.start_upload("r");
@@ -408,18 +409,15 @@ fn c04_garbled_digests_are_400() {
     }
     // Unknown algorithm.
     let md5 = "md5:d41d8cd98f00b204e9800998ecf8427e";
-    for r in [
-        s.get(&format!("/v2/r/blobs/{md5}")),
-        s.get_manifest("r", md5),
-    ] {
-        let st = r.status().as_u16();
-        let v = assert_error_in(r, &[400, 405], &["DIGEST_INVALID", "UNSUPPORTED"]);
-        let code = v["errors"][0]["code"].as_str().unwrap();
-        assert!(
-            (st == 400 && code == "DIGEST_INVALID") || code == "UNSUPPORTED",
-            "{st} {code}"
-        );
-    }
+    assert_error(s.get_manifest("r", md5), 404, &["MANIFEST_UNKNOWN"]);
+    let r = s.get(&format!("/v2/r/blobs/{md5}"));
+    let st = r.status().as_u16();
+    let v = assert_error_in(r, &[400, 405], &["DIGEST_INVALID", "UNSUPPORTED"]);
+    let code = v["errors"][0]["code"].as_str().unwrap();
+    assert!(
+        (st == 400 && code == "DIGEST_INVALID") || code == "UNSUPPORTED",
+        "{st} {code}"
+    );
     let loc = s.start_upload("r");
     let r = s.put_close(&loc, md5, b"");
     assert_error_in(r, &[400, 405], &["DIGEST_INVALID", "UNSUPPORTED"]);
@@ -1503,14 +1501,8 @@ fn c36_manifest_size_limit() {
     round_trip(&s, "r", "limit", OCI_MANIFEST, &at_limit);
     let over = manifest_of_size(&base, 4_194_305);
     // Raw socket: the reply may come before the body is read.
-    let mut req = format!(
-        "PUT /v2/r/manifests/over HTTP/1.1\r\nHost: {}\r\nContent-Type: {OCI_MANIFEST}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        s.addr,
-        over.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(&over);
-    let (status, text) = raw_request(&s.addr, &req);
+    let (status, text) =
+        raw_request_with_body(&s.addr, "PUT", "/v2/r/manifests/over", OCI_MANIFEST, &over);
     assert_eq!(status, 413, "{text}");
     assert!(text.contains("SIZE_INVALID"), "{text}");
     assert_error(s.get_manifest("r", "over"), 404, &["MANIFEST_UNKNOWN"]);
@@ -2304,4 +2296,377 @@ fn serve_stops_gracefully_on_sigterm_and_sigint() {
             .unwrap_or_else(|| panic!("{sig:?}: still running after 10 s"));
         assert!(st.success(), "{sig:?}: exit status {st}\n{}", s.stderr());
     }
+}
+
+// ---- regressions of the registry review (issue 10) ------------------------------------
+
+/// GET/HEAD/DELETE of a manifest by a reference that is neither a tag nor a digest is a
+/// manifest that does not exist: 404, while a PUT with it stays 400.
+#[test]
+fn manifest_reference_neither_tag_nor_digest_is_404() {
+    let s = TesseraServe::start();
+    let (m, _) = push_image(&s, "r", "v1", 901);
+    let too_long = "c".repeat(129);
+    for bad in [".x", "-x", "a+b", too_long.as_str(), "sha256:totallywrong"] {
+        assert_error(s.get_manifest("r", bad), 404, &["MANIFEST_UNKNOWN"]);
+        assert_eq!(s.head_manifest("r", bad).status(), 404, "HEAD {bad}");
+        assert_error(
+            s.delete(&format!("/v2/r/manifests/{bad}")),
+            404,
+            &["MANIFEST_UNKNOWN"],
+        );
+        let r = s.put_manifest("r", bad, OCI_MANIFEST, &m);
+        assert_error(r, 400, &["TAG_INVALID", "DIGEST_INVALID"]);
+    }
+}
+
+fn walk_catalog(s: &TesseraServe, user: Option<(&str, &str)>, n: usize) -> Vec<String> {
+    let mut url = format!("/v2/_catalog?n={n}");
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let mut rq = s.client.get(s.url(&url));
+        if let Some((u, p)) = user {
+            rq = rq.basic_auth(u, Some(p));
+        }
+        let r = expect_status(rq.send().unwrap(), 200, &url);
+        let link = header(&r, "link");
+        let page = json_body(r)["repositories"].as_array().unwrap().clone();
+        assert!(
+            !page.is_empty() || link.is_none(),
+            "{url}: empty page with a next link"
+        );
+        assert!(page.len() <= n, "{url}: {page:?}");
+        seen.extend(page.iter().map(|x| x.as_str().unwrap().to_string()));
+        match link {
+            Some(l) => url = l[1..l.find('>').unwrap()].to_string(),
+            None => return seen,
+        }
+    }
+    panic!("catalog walk did not end: {seen:?}");
+}
+
+/// The catalog lists what the caller may read, filtered before paging: the first page
+/// of an anonymous caller is the first repository it can read, not an empty page.
+#[test]
+fn catalog_pages_only_readable_repositories_without_short_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    {
+        let s = TesseraServe::start_in(&root, &[]);
+        for (i, repo) in ["alpha", "beta", "gamma", "zeta", "zulu"]
+            .iter()
+            .enumerate()
+        {
+            push_image(&s, repo, "v1", 910 + i as u64);
+        }
+    }
+    let (_d, htpasswd) = write_htpasswd();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "htpasswd = \"{}\"\n\n[[access]]\naccount = \"anonymous\"\nrepository = \"z*\"\nactions = [\"pull\"]\n\n[[access]]\naccount = \"alice\"\nrepository = \"*\"\nactions = [\"pull\", \"push\", \"delete\"]\n",
+            htpasswd.display()
+        ),
+    )
+    .unwrap();
+    let s = TesseraServe::start_in(&root, &["--config", cfg.to_str().unwrap()]);
+    let r = expect_status(s.get("/v2/_catalog?n=1"), 200, "anonymous n=1");
+    assert!(header(&r, "link").is_some(), "zulu follows");
+    assert_eq!(json_body(r)["repositories"], json!(["zeta"]));
+    assert_eq!(walk_catalog(&s, None, 1), ["zeta", "zulu"]);
+    assert_eq!(walk_catalog(&s, None, 2), ["zeta", "zulu"]);
+    let r = expect_status(s.get("/v2/_catalog?n=2"), 200, "anonymous n=2");
+    assert_eq!(header(&r, "link"), None, "nothing readable follows");
+    assert_eq!(
+        walk_catalog(&s, Some(("alice", "s3cret")), 2),
+        ["alpha", "beta", "gamma", "zeta", "zulu"]
+    );
+}
+
+/// A repository whose manifests are all deleted leaves the catalog.
+#[test]
+fn catalog_drops_a_repository_without_manifests() {
+    let s = TesseraServe::start();
+    let (_, d) = push_image(&s, "gone", "v1", 920);
+    push_image(&s, "kept", "v1", 921);
+    assert_eq!(walk_catalog(&s, None, 10), ["gone", "kept"]);
+    expect_status(s.delete(&format!("/v2/gone/manifests/{d}")), 202, "DELETE");
+    assert_eq!(walk_catalog(&s, None, 10), ["kept"]);
+    assert_eq!(walk_catalog(&s, None, 1), ["kept"]);
+}
+
+/// Wait until the server closes `sock` (EOF or reset), at most `limit`.
+#[track_caller]
+fn closed_within(sock: &mut std::net::TcpStream, limit: Duration, what: &str) {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return,
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: still open after {limit:?}"
+        );
+    }
+}
+
+/// Clients that never finish their request headers cannot take the server down: with
+/// more stalled connections than `--max-connections`, a normal request is still
+/// answered, and the stalled ones are closed after `--header-read-timeout`; idle
+/// connections (nothing sent, or between keep-alive requests) after `--idle-timeout`.
+#[test]
+fn slow_clients_are_timed_out_and_capped() {
+    use std::io::Write;
+    let s = TesseraServe::start_args(&[
+        "--header-read-timeout",
+        "2",
+        "--idle-timeout",
+        "3",
+        "--max-connections",
+        "16",
+    ]);
+    let mut stalled = Vec::new();
+    for _ in 0..48 {
+        let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
+        c.write_all(b"GET /v2/ HT").unwrap();
+        stalled.push(c);
+    }
+    let mut silent = std::net::TcpStream::connect(&s.addr).unwrap();
+    let t0 = std::time::Instant::now();
+    let r = s.client.get(s.url("/v2/")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "answered after {:?}",
+        t0.elapsed()
+    );
+    for (i, c) in stalled.iter_mut().enumerate() {
+        closed_within(c, Duration::from_secs(30), &format!("stalled socket {i}"));
+    }
+    closed_within(&mut silent, Duration::from_secs(30), "silent socket");
+    // A keep-alive connection is served, then closed once idle for --idle-timeout
+    // (not before the header timeout would have closed it).
+    let mut k = std::net::TcpStream::connect(&s.addr).unwrap();
+    k.write_all(format!("GET /v2/ HTTP/1.1\r\nHost: {}\r\n\r\n", s.addr).as_bytes())
+        .unwrap();
+    let mut got = Vec::new();
+    k.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).ends_with("{}") {
+        use std::io::Read;
+        let n = k.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "closed before the reply: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    let idle = std::time::Instant::now();
+    closed_within(
+        &mut k,
+        Duration::from_secs(20),
+        "idle keep-alive connection",
+    );
+    assert!(
+        idle.elapsed() >= Duration::from_millis(2500),
+        "closed after {:?}, before the idle timeout",
+        idle.elapsed()
+    );
+}
+
+/// Assert an error reply whose first message contains `needle`; returns the body.
+#[track_caller]
+fn assert_error_says(
+    r: reqwest::blocking::Response,
+    status: u16,
+    codes: &[&str],
+    needle: &str,
+) -> Value {
+    let v = assert_error(r, status, codes);
+    let msg = v["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(needle),
+        "expected {needle:?} in the message: {v}"
+    );
+    v
+}
+
+const TESSERA_IMAGE: &str = "application/vnd.tessera.image.v1";
+const TESSERA_INDEX: &str = "application/vnd.tessera.index.v1";
+const TESSERA_PACK: &str = "application/vnd.tessera.pack.v1";
+
+/// Packs are verified by their layer media type whatever the artifactType, and a
+/// manifest with pack layers (or tessera's artifactType) needs an index layer.
+#[test]
+fn tessera_layers_are_verified_whatever_the_artifact_type() {
+    let s = TesseraServe::start();
+    let pack = b"not a tessera pack".to_vec();
+    let index = b"not a tessera index".to_vec();
+    s.push_blob("r", &pack);
+    s.push_blob("r", &index);
+    s.push_blob("r", b"{}");
+    let manifest = |artifact: Option<&str>, layers: Vec<Value>| {
+        let mut m = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": empty_config(),
+            "layers": layers,
+        });
+        if let Some(a) = artifact {
+            m["artifactType"] = json!(a);
+        }
+        j(&m)
+    };
+    let cases = [
+        (
+            "garbage pack and index under another artifactType",
+            manifest(
+                Some("application/x-other"),
+                vec![desc(TESSERA_INDEX, &index), desc(TESSERA_PACK, &pack)],
+            ),
+            "tessera index",
+        ),
+        (
+            "pack layer without an index layer",
+            manifest(Some("application/x-other"), vec![desc(TESSERA_PACK, &pack)]),
+            TESSERA_INDEX,
+        ),
+        (
+            "pack layer without an index layer, no artifactType",
+            manifest(None, vec![desc(TESSERA_PACK, &pack)]),
+            TESSERA_INDEX,
+        ),
+        (
+            "tessera artifactType without an index layer",
+            manifest(Some(TESSERA_IMAGE), vec![]),
+            TESSERA_INDEX,
+        ),
+    ];
+    for (what, m, says) in cases {
+        let r = s.put_manifest("r", "t", OCI_MANIFEST, &m);
+        assert_error_says(r, 400, &["MANIFEST_INVALID"], says);
+        assert_eq!(s.get_manifest("r", &sha(&m)).status(), 404, "{what}");
+    }
+}
+
+/// A descriptor whose size is not the stored blob's size is refused.
+#[test]
+fn descriptor_sizes_must_match_the_blobs() {
+    let s = TesseraServe::start();
+    let good = image_manifest(&s, "r", 930);
+    let mut m = good.clone();
+    let n = m["layers"][0]["size"].as_u64().unwrap();
+    m["layers"][0]["size"] = json!(n + 1);
+    let v = assert_error(
+        s.put_manifest("r", "t", OCI_MANIFEST, &j(&m)),
+        400,
+        &["MANIFEST_INVALID"],
+    );
+    assert_eq!(v["errors"][0]["detail"]["size"], json!(n + 1), "{v}");
+    assert_eq!(v["errors"][0]["detail"]["stored"], json!(n), "{v}");
+    let mut m = good.clone();
+    let n = m["config"]["size"].as_u64().unwrap();
+    m["config"]["size"] = json!(n - 1);
+    assert_error(
+        s.put_manifest("r", "t", OCI_MANIFEST, &j(&m)),
+        400,
+        &["MANIFEST_INVALID"],
+    );
+    assert_error(s.get_manifest("r", "t"), 404, &["MANIFEST_UNKNOWN"]);
+    s.push_manifest("r", "t", OCI_MANIFEST, &j(&good));
+}
+
+/// A manifest PUT needs a Content-Type unless the body's mediaType names its type.
+#[test]
+fn manifest_put_without_content_type() {
+    let s = TesseraServe::start();
+    let mut m = image_manifest(&s, "r", 940);
+    m.as_object_mut().unwrap().remove("mediaType");
+    let put = |body: Vec<u8>| {
+        s.client
+            .put(s.url("/v2/r/manifests/t"))
+            .body(body)
+            .send()
+            .unwrap()
+    };
+    assert_error_says(
+        put(j(&m)),
+        400,
+        &["MANIFEST_INVALID"],
+        "Content-Type header is required",
+    );
+    assert_error(s.get_manifest("r", "t"), 404, &["MANIFEST_UNKNOWN"]);
+    // With the type in the body, the header is not needed.
+    m["mediaType"] = json!(OCI_MANIFEST);
+    expect_status(put(j(&m)), 201, "mediaType in the body");
+    let r = expect_status(s.get_manifest("r", "t"), 200, "GET");
+    assert_eq!(header(&r, "content-type").as_deref(), Some(OCI_MANIFEST));
+}
+
+/// Errors outside the Distribution routes are OCI JSON errors too.
+#[test]
+fn every_error_body_is_an_oci_json_error() {
+    let s = TesseraServe::start();
+    // 16 MiB is the chunk query's limit; axum answered 413 in plain text.
+    let body = vec![b' '; (16 << 20) + 1];
+    let (status, text) = raw_request_with_body(
+        &s.addr,
+        "POST",
+        "/tessera/v1/chunks",
+        "application/json",
+        &body,
+    );
+    assert_eq!(status, 413, "{text}");
+    let json_part = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let v: Value = serde_json::from_str(json_part)
+        .unwrap_or_else(|e| panic!("413 body is not JSON ({e}): {text}"));
+    assert_eq!(v["errors"][0]["code"], "SIZE_INVALID", "{v}");
+    assert!(v["errors"][0]["message"].is_string(), "{v}");
+    // Wrong methods on the fixed endpoints.
+    assert_error(s.get("/tessera/v1/chunks"), 405, &["UNSUPPORTED"]);
+    let r = s.client.post(s.url("/metrics")).send().unwrap();
+    assert_error(r, 405, &["UNSUPPORTED"]);
+}
+
+/// /metrics needs an account when auth is on, unless --metrics-public.
+#[test]
+fn metrics_follow_auth_unless_public() {
+    let (_d, htpasswd) = write_htpasswd();
+    let pw = htpasswd.to_str().unwrap();
+    let s = TesseraServe::start_args(&["--htpasswd", pw]);
+    assert_challenge(s.get("/metrics"), "anonymous /metrics");
+    let r = s
+        .client
+        .get(s.url("/metrics"))
+        .basic_auth("alice", Some("wrong"))
+        .send()
+        .unwrap();
+    assert_challenge(r, "wrong password");
+    let r = s
+        .client
+        .get(s.url("/metrics"))
+        .basic_auth("alice", Some("s3cret"))
+        .send()
+        .unwrap();
+    let text = body_text(expect_status(r, 200, "alice /metrics"));
+    assert!(text.contains("tessera_registry_"), "{text}");
+    let s = TesseraServe::start_args(&["--htpasswd", pw, "--metrics-public"]);
+    let text = body_text(expect_status(s.get("/metrics"), 200, "public /metrics"));
+    assert!(text.contains("tessera_registry_"), "{text}");
+    // Without auth, /metrics stays open.
+    let s = TesseraServe::start();
+    expect_status(s.get("/metrics"), 200, "no auth");
 }

@@ -336,10 +336,22 @@ fn tessera_packs_are_verified_before_their_chunks_are_admitted() {
     corrupt[toc[0].offset as usize + toc[0].stored_len as usize / 2] ^= 0x55;
     // A pack cut short (footer and TOC gone).
     let truncated = pack[..pack.len() - 30].to_vec();
+    // The manifest must list exactly its index's packs (docs/format.md §5.1), so each
+    // bad pack comes with an index that names it: only the pack's own check can fail.
+    let index =
+        tessera_format::index::Index::decode(&blob(m["layers"][0]["digest"].as_str().unwrap()))
+            .unwrap();
+    assert_eq!(index.packs.len(), 1, "the test image has one pack");
     for (what, bytes) in [("corrupt", corrupt), ("truncated", truncated)] {
         let d = push_blob(&s.addr, "bad", &bytes);
+        let mut naming = index.clone();
+        naming.packs = vec![d.parse().unwrap()];
+        let naming = naming.encode().unwrap();
+        let nd = push_blob(&s.addr, "bad", &naming);
         let mut bad = m.clone();
         bad["layers"] = serde_json::json!([{
+            "mediaType": "application/vnd.tessera.index.v1", "digest": nd, "size": naming.len()
+        }, {
             "mediaType": "application/vnd.tessera.pack.v1", "digest": d, "size": bytes.len()
         }]);
         let r = http()

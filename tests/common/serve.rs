@@ -452,6 +452,24 @@ pub fn path_of(location: &str) -> String {
     location.to_string()
 }
 
+/// A request with a body and `Connection: close` on a raw socket, so that a reply sent
+/// before the whole body was read (e.g. 413) is still seen.
+pub fn raw_request_with_body(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    raw_request(addr, &req)
+}
+
 /// Send raw bytes on a fresh connection and return the status code and the whole
 /// response text (the request must ask for `Connection: close`). The request is
 /// written from another thread, ignoring write errors, so a reply sent before the

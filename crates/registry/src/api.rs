@@ -1,145 +1,21 @@
-//! The Distribution API: routing of `/v2/...` paths (repository names may contain `/`
-//! and even `blobs` or `manifests` segments, so paths are parsed from the end) and the
-//! handlers for blobs, uploads, manifests, tags, referrers and the catalog.
+//! The Distribution API handlers: blobs, uploads, manifests, tags, referrers and the
+//! catalog (routing is in [`crate::routes`]).
 
+use crate::body::{blob_body, parse_range, RangeReq};
 use crate::config::Action;
 use crate::error::{ApiError, Code};
+use crate::manifest::{invalid, parse_manifest};
 use crate::meta::ManifestMeta;
 use crate::names::{valid_repo, valid_tag, Algorithm, BlobDigest, DigestHasher, Reference};
-use crate::Registry;
+use crate::routes::{parse_query, Route};
+use crate::state::{SessionGuard, Shared};
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use futures_util::StreamExt;
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::sync::Arc;
 
-pub type Shared = Arc<Registry>;
 type ApiResult = Result<Response, ApiError>;
-
-/// What a `/v2/` path names.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Route {
-    Base,
-    Catalog,
-    Blob(String, String),
-    Manifest(String, String),
-    Tags(String),
-    Referrers(String, String),
-    UploadStart(String),
-    Upload(String, String),
-}
-
-impl Route {
-    pub fn repo(&self) -> Option<&str> {
-        match self {
-            Route::Base | Route::Catalog => None,
-            Route::Blob(r, _)
-            | Route::Manifest(r, _)
-            | Route::Tags(r)
-            | Route::Referrers(r, _)
-            | Route::UploadStart(r)
-            | Route::Upload(r, _) => Some(r),
-        }
-    }
-
-    /// The same route in pull-through repository `ns/REPO` (for `?ns=` requests).
-    pub fn under_namespace(self, ns: &str) -> Route {
-        let put = |r: String| {
-            if r.starts_with(&format!("{ns}/")) {
-                r
-            } else {
-                format!("{ns}/{r}")
-            }
-        };
-        match self {
-            Route::Base | Route::Catalog => self,
-            Route::Blob(r, d) => Route::Blob(put(r), d),
-            Route::Manifest(r, m) => Route::Manifest(put(r), m),
-            Route::Tags(r) => Route::Tags(put(r)),
-            Route::Referrers(r, d) => Route::Referrers(put(r), d),
-            Route::UploadStart(r) => Route::UploadStart(put(r)),
-            Route::Upload(r, id) => Route::Upload(put(r), id),
-        }
-    }
-
-    pub fn label(&self) -> &'static str {
-        match self {
-            Route::Base => "base",
-            Route::Catalog => "catalog",
-            Route::Blob(..) => "blob",
-            Route::Manifest(..) => "manifest",
-            Route::Tags(_) => "tags",
-            Route::Referrers(..) => "referrers",
-            Route::UploadStart(_) | Route::Upload(..) => "upload",
-        }
-    }
-}
-
-/// Parse a path below `/v2/`, from the end.
-pub fn parse_route(path: &str) -> Option<Route> {
-    let rest = path.strip_prefix("/v2")?;
-    if rest.is_empty() || rest == "/" {
-        return Some(Route::Base);
-    }
-    let rest = rest.strip_prefix('/')?;
-    if rest == "_catalog" {
-        return Some(Route::Catalog);
-    }
-    if let Some(repo) = rest.strip_suffix("/tags/list") {
-        return Some(Route::Tags(repo.to_string()));
-    }
-    let segs: Vec<&str> = rest.split('/').collect();
-    let n = segs.len();
-    if n >= 4 && segs[n - 3] == "blobs" && segs[n - 2] == "uploads" {
-        let repo = segs[..n - 3].join("/");
-        return Some(if segs[n - 1].is_empty() {
-            Route::UploadStart(repo)
-        } else {
-            Route::Upload(repo, segs[n - 1].to_string())
-        });
-    }
-    if n >= 3 {
-        let repo = segs[..n - 2].join("/");
-        let last = segs[n - 1].to_string();
-        return match segs[n - 2] {
-            "blobs" => Some(Route::Blob(repo, last)),
-            "manifests" => Some(Route::Manifest(repo, last)),
-            "referrers" => Some(Route::Referrers(repo, last)),
-            _ => None,
-        };
-    }
-    None
-}
-
-pub fn required_action(route: &Route, method: &Method) -> Action {
-    match (route, method) {
-        (Route::Catalog, _) | (_, &Method::GET) | (_, &Method::HEAD) => Action::Pull,
-        // Cancelling one's own upload is part of pushing.
-        (Route::Upload(..), &Method::DELETE) => Action::Push,
-        (_, &Method::DELETE) => Action::Delete,
-        _ => Action::Push,
-    }
-}
-
-pub(crate) fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
-    q.map(|q| {
-        q.split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                let dec = |s: &str| {
-                    percent_encoding::percent_decode_str(&s.replace('+', " "))
-                        .decode_utf8_lossy()
-                        .into_owned()
-                };
-                (dec(k), dec(v))
-            })
-            .collect()
-    })
-    .unwrap_or_default()
-}
 
 fn q<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
     query
@@ -277,92 +153,6 @@ pub async fn dispatch(
 }
 
 // ---------------------------------------------------------------- blobs
-
-/// A parsed `Range: bytes=...` request against a blob of `size` bytes.
-#[derive(Debug, PartialEq, Eq)]
-pub enum RangeReq {
-    Full,
-    Part(u64, u64),
-    Unsatisfiable,
-}
-
-pub fn parse_range(h: Option<&str>, size: u64) -> RangeReq {
-    let Some(spec) = h.and_then(|h| h.trim().strip_prefix("bytes=")) else {
-        return RangeReq::Full;
-    };
-    if spec.contains(',') {
-        // Multiple ranges: a full reply is allowed.
-        return RangeReq::Full;
-    }
-    let Some((a, b)) = spec.trim().split_once('-') else {
-        return RangeReq::Full;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    let num = |s: &str| s.parse::<u64>().ok();
-    match (a.is_empty(), b.is_empty()) {
-        (true, false) => match num(b) {
-            Some(0) | None => RangeReq::Unsatisfiable,
-            Some(_) if size == 0 => RangeReq::Unsatisfiable,
-            Some(n) => RangeReq::Part(size.saturating_sub(n), size - 1),
-        },
-        (false, true) => match num(a) {
-            Some(s) if s < size => RangeReq::Part(s, size - 1),
-            Some(_) => RangeReq::Unsatisfiable,
-            None => RangeReq::Full,
-        },
-        (false, false) => match (num(a), num(b)) {
-            (Some(s), Some(e)) if s <= e && s < size => RangeReq::Part(s, e.min(size - 1)),
-            (Some(_), Some(_)) => RangeReq::Unsatisfiable,
-            _ => RangeReq::Full,
-        },
-        (true, true) => RangeReq::Full,
-    }
-}
-
-/// Stream `len` bytes of a blob from `offset`, read on a blocking thread.
-pub fn blob_body(reg: &Shared, d: BlobDigest, offset: u64, len: u64) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let backend = reg.backend.clone();
-    let sent = reg.metrics.bytes_sent.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut r = match backend.open(&d, offset) {
-            Ok(r) => r.take(len),
-            Err(e) => {
-                tracing::error!(digest = %d, error = %e, "cannot open blob");
-                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-                return;
-            }
-        };
-        let mut left = len;
-        while left > 0 {
-            let mut buf = vec![0u8; left.min(256 << 10) as usize];
-            match r.read(&mut buf) {
-                Ok(0) => {
-                    tracing::error!(digest = %d, "blob shorter than recorded");
-                    let _ = tx.blocking_send(Err(std::io::Error::other("blob truncated")));
-                    return;
-                }
-                Ok(n) => {
-                    buf.truncate(n);
-                    left -= n as u64;
-                    sent.inc_by(n as u64);
-                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                        return; // client went away
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
-    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }))
-}
-
 /// Ranges up to this many bytes are read with the metadata lookup, in one blocking
 /// call, and sent from memory: a lazy mount's chunk reads are mostly this small, and each
 /// hop between threads costs more than the read.
@@ -885,7 +675,7 @@ async fn lock_or_drain(
     reg: &Shared,
     id: &str,
     body: Body,
-) -> Result<(crate::SessionGuard, Body), ApiError> {
+) -> Result<(SessionGuard, Body), ApiError> {
     match reg.lock_session(id) {
         Ok(g) => Ok((g, body)),
         Err(e) => {
@@ -903,17 +693,6 @@ async fn cancel_upload(reg: Shared, repo: String, id: String) -> ApiResult {
 }
 
 // ---------------------------------------------------------------- manifests
-
-const MANIFEST_TYPES: [&str; 4] = [
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-
-fn is_index(mt: &str) -> bool {
-    mt == MANIFEST_TYPES[1] || mt == MANIFEST_TYPES[3]
-}
 
 async fn resolve(
     reg: &Shared,
@@ -952,8 +731,17 @@ async fn manifest_unknown(reg: &Shared, repo: &str, reference: &str) -> ApiError
     }
 }
 
+/// The reference of a manifest GET, HEAD or DELETE: one that is neither a tag nor a
+/// digest names no manifest, so the answer is 404 (400 is only for a PUT).
+async fn lookup_reference(reg: &Shared, repo: &str, r: &str) -> Result<Reference, ApiError> {
+    match parse_reference(r) {
+        Ok(reference) => Ok(reference),
+        Err(_) => Err(manifest_unknown(reg, repo, r).await),
+    }
+}
+
 async fn get_manifest(reg: Shared, repo: String, r: &str, head: bool) -> ApiResult {
-    let reference = parse_reference(r)?;
+    let reference = lookup_reference(&reg, &repo, r).await?;
     // A pull-through tag past its TTL is re-checked upstream before it is served.
     let fresh = match &reference {
         Reference::Tag(t) => reg.fresh_proxy_tag(&repo, t).await,
@@ -966,7 +754,15 @@ async fn get_manifest(reg: Shared, repo: String, r: &str, head: bool) -> ApiResu
     };
     let found = match local {
         Some(f) => Some(f),
-        None => reg.pull_through_manifest(&repo, &reference).await?,
+        None => match reg.pull_through_manifest(&repo, &reference).await? {
+            Some(p) => {
+                if p.wants_twin && reg.config.convert_on_push {
+                    crate::twin::schedule(&reg, &repo, &p.digest);
+                }
+                Some((p.digest, p.meta))
+            }
+            None => None,
+        },
     };
     let Some((d, meta)) = found else {
         return Err(manifest_unknown(&reg, &repo, r).await);
@@ -990,202 +786,6 @@ async fn get_manifest(reg: Shared, repo: String, r: &str, head: bool) -> ApiResu
     })
     .await?;
     Ok(reply.body(Body::from(bytes)))
-}
-
-impl crate::Registry {
-    /// Check a parsed manifest against the repository and make it visible (durably),
-    /// with its tags and referrer entry. Returns its subject.
-    pub(crate) fn store_manifest(
-        &self,
-        repo: &str,
-        d: &BlobDigest,
-        bytes: Vec<u8>,
-        parsed: Parsed,
-        tags: &[String],
-    ) -> Result<Option<BlobDigest>, ApiError> {
-        // Shared publish lock across the checks and the commit: a blob cannot be deleted
-        // between "the manifest's blobs are present" and "the manifest is visible".
-        let _r = self.read_lock();
-        let missing: Vec<String> = parsed
-            .required
-            .iter()
-            .filter(|b| !matches!(self.meta.blob_in_repo(repo, b), Ok(Some(_))))
-            .map(|b| b.to_string())
-            .collect();
-        if let Some(first) = missing.first() {
-            return Err(ApiError::new(
-                Code::ManifestBlobUnknown,
-                format!("manifest references blob {first}, which is not in repository {repo}; push it first"),
-            )
-            .detail(serde_json::json!({ "digests": missing })));
-        }
-        if parsed.artifact_type.as_deref() == Some(tessera_format::media::ARTIFACT_TYPE) {
-            self.admit_tessera_layers(&parsed.layers)?;
-        }
-        let meta = ManifestMeta {
-            media_type: parsed.media_type.clone(),
-            size: bytes.len() as u64,
-            subject: parsed.subject.as_ref().map(|s| s.to_string()),
-        };
-        self.backend.put(d, &bytes)?;
-        self.meta
-            .put_manifest(repo, d, &meta, tags, Some(&parsed.referrer))?;
-        tracing::info!(repository = %repo, digest = %d, media_type = %meta.media_type, tags = ?tags, "manifest pushed");
-        Ok(parsed.subject)
-    }
-}
-
-/// Everything `put_manifest` learns from the manifest body.
-pub(crate) struct Parsed {
-    pub(crate) media_type: String,
-    /// Blobs that must be in the repository (config and layers of an image manifest).
-    pub(crate) required: Vec<BlobDigest>,
-    pub(crate) subject: Option<BlobDigest>,
-    /// The descriptor listed by the referrers API when `subject` is set.
-    pub(crate) referrer: serde_json::Value,
-    pub(crate) artifact_type: Option<String>,
-    pub(crate) layers: Vec<(String, BlobDigest, u64)>,
-}
-
-impl Parsed {
-    /// Images and image indexes (not artifacts, not tessera images) get a tessera twin
-    /// under --convert-on-push.
-    pub(crate) fn wants_twin(&self) -> bool {
-        let config_type = self.referrer.get("artifactType").and_then(|a| a.as_str());
-        self.artifact_type.is_none()
-            && (is_index(&self.media_type)
-                || config_type == Some(tessera_format::media::OCI_CONFIG)
-                || config_type == Some(tessera_format::media::DOCKER_CONFIG))
-    }
-}
-
-fn invalid(msg: impl Into<String>) -> ApiError {
-    ApiError::new(Code::ManifestInvalid, msg)
-}
-
-fn descriptor_digest(
-    v: &serde_json::Value,
-    what: &str,
-) -> Result<(BlobDigest, u64, String), ApiError> {
-    let d = v
-        .get("digest")
-        .and_then(|d| d.as_str())
-        .ok_or_else(|| invalid(format!("{what}: descriptor without digest")))?;
-    let d = BlobDigest::parse(d).map_err(|e| invalid(format!("{what}: {e}")))?;
-    let size = v
-        .get("size")
-        .and_then(|s| s.as_u64())
-        .ok_or_else(|| invalid(format!("{what}: descriptor without a valid size")))?;
-    let mt = v
-        .get("mediaType")
-        .and_then(|m| m.as_str())
-        .unwrap_or_default()
-        .to_string();
-    Ok((d, size, mt))
-}
-
-pub(crate) fn parse_manifest(
-    body: &[u8],
-    content_type: Option<&str>,
-    d: &BlobDigest,
-) -> Result<Parsed, ApiError> {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| invalid("manifest must be a JSON object"))?;
-    if obj.get("schemaVersion").and_then(|s| s.as_u64()) != Some(2) {
-        return Err(invalid(
-            "schemaVersion must be 2 (schema 1 manifests are not supported)",
-        ));
-    }
-    let field = obj.get("mediaType").and_then(|m| m.as_str());
-    let ct = content_type
-        .map(|c| c.split(';').next().unwrap_or(c).trim())
-        .filter(|c| !c.is_empty() && *c != "application/octet-stream" && *c != "application/json");
-    let media_type = match (field, ct) {
-        (Some(f), Some(c)) if f != c => {
-            return Err(invalid(format!(
-                "Content-Type {c} does not match the manifest's mediaType {f}"
-            )))
-        }
-        (Some(f), _) => f.to_string(),
-        (None, Some(c)) => c.to_string(),
-        (None, None) if obj.contains_key("manifests") => MANIFEST_TYPES[1].to_string(),
-        (None, None) => MANIFEST_TYPES[0].to_string(),
-    };
-    if !MANIFEST_TYPES.contains(&media_type.as_str()) {
-        return Err(invalid(format!(
-            "unsupported manifest media type {media_type}; supported: {}",
-            MANIFEST_TYPES.join(", ")
-        )));
-    }
-    let mut required = Vec::new();
-    let mut layers = Vec::new();
-    let artifact_type = obj
-        .get("artifactType")
-        .and_then(|a| a.as_str())
-        .map(str::to_string);
-    let mut desc_artifact = artifact_type.clone();
-    if is_index(&media_type) {
-        let list = obj
-            .get("manifests")
-            .and_then(|m| m.as_array())
-            .ok_or_else(|| invalid("an index needs a manifests array"))?;
-        for (i, m) in list.iter().enumerate() {
-            descriptor_digest(m, &format!("manifests[{i}]"))?;
-        }
-    } else {
-        let config = obj
-            .get("config")
-            .ok_or_else(|| invalid("an image manifest needs a config descriptor"))?;
-        let (cd, _, cmt) = descriptor_digest(config, "config")?;
-        required.push(cd);
-        if desc_artifact.is_none() {
-            desc_artifact = Some(cmt);
-        }
-        let list = match obj.get("layers") {
-            Some(l) => l
-                .as_array()
-                .ok_or_else(|| invalid("layers must be an array"))?
-                .clone(),
-            None if media_type == MANIFEST_TYPES[0] => Vec::new(),
-            None => return Err(invalid("an image manifest needs a layers array")),
-        };
-        for (i, l) in list.iter().enumerate() {
-            let (ld, size, mt) = descriptor_digest(l, &format!("layers[{i}]"))?;
-            let foreign = mt.contains("nondistributable")
-                || mt.contains("foreign")
-                || l.get("urls").is_some();
-            if !foreign {
-                required.push(ld.clone());
-            }
-            layers.push((mt, ld, size));
-        }
-    }
-    let subject = match obj.get("subject") {
-        Some(s) => Some(descriptor_digest(s, "subject")?.0),
-        None => None,
-    };
-    let mut referrer = serde_json::json!({
-        "mediaType": media_type,
-        "digest": d.to_string(),
-        "size": body.len(),
-    });
-    if let Some(a) = desc_artifact {
-        referrer["artifactType"] = serde_json::Value::String(a);
-    }
-    if let Some(a) = obj.get("annotations").filter(|a| a.is_object()) {
-        referrer["annotations"] = a.clone();
-    }
-    Ok(Parsed {
-        media_type,
-        required,
-        subject,
-        referrer,
-        artifact_type,
-        layers,
-    })
 }
 
 async fn read_limited(body: Body, limit: u64) -> Result<Vec<u8>, ApiError> {
@@ -1297,7 +897,7 @@ async fn delete_manifest(reg: Shared, repo: String, r: &str) -> ApiResult {
             "deletes are disabled on this registry",
         ));
     }
-    let reference = parse_reference(r)?;
+    let reference = lookup_reference(&reg, &repo, r).await?;
     let (reg2, repo2) = (reg.clone(), repo.clone());
     let existed = blocking(move || match reference {
         Reference::Tag(t) => Ok(reg2.meta.delete_tag(&repo2, &t)?),
@@ -1366,10 +966,14 @@ async fn tags(reg: Shared, repo: String, query: &[(String, String)]) -> ApiResul
 async fn catalog(reg: Shared, query: &[(String, String)], headers: &HeaderMap) -> ApiResult {
     let n = page_size(query, 1000, 10_000)?;
     let last = q(query, "last").map(str::to_string);
-    let reg2 = reg.clone();
-    let (mut repos, more) = blocking(move || Ok(reg2.meta.repos(last.as_deref(), n)?)).await?;
-    // Only the repositories the caller may pull from.
-    repos.retain(|r| reg.may(headers, Some(r), Action::Pull));
+    let (reg2, headers) = (reg.clone(), headers.clone());
+    // Only the repositories the caller may pull from, filtered before the page is cut.
+    let (repos, more) = blocking(move || {
+        Ok(reg2.meta.repos(last.as_deref(), n, |r| {
+            reg2.may(&headers, Some(r), Action::Pull)
+        })?)
+    })
+    .await?;
     let body = serde_json::json!({ "repositories": repos }).to_string();
     let mut reply = Reply::new(StatusCode::OK).h("content-type", "application/json");
     if more && n > 0 {
@@ -1404,100 +1008,4 @@ async fn referrers(reg: Shared, repo: String, d: &str, query: &[(String, String)
     Ok(reply
         .h("content-length", body.len().to_string())
         .body(Body::from(body)))
-}
-
-/// A map for in-memory hash states of upload sessions.
-pub type Hashers = HashMap<String, (u64, DigestHasher)>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_parse_from_the_end() {
-        let r = |p: &str| parse_route(p);
-        assert_eq!(r("/v2/"), Some(Route::Base));
-        assert_eq!(r("/v2"), Some(Route::Base));
-        assert_eq!(r("/v2/_catalog"), Some(Route::Catalog));
-        assert_eq!(r("/v2/a/b/tags/list"), Some(Route::Tags("a/b".into())));
-        assert_eq!(
-            r("/v2/x/blobs/manifests/y/manifests/latest"),
-            Some(Route::Manifest(
-                "x/blobs/manifests/y".into(),
-                "latest".into()
-            ))
-        );
-        assert_eq!(
-            r("/v2/a/blobs/sha256:ab"),
-            Some(Route::Blob("a".into(), "sha256:ab".into()))
-        );
-        assert_eq!(
-            r("/v2/a/blobs/uploads/"),
-            Some(Route::UploadStart("a".into()))
-        );
-        assert_eq!(
-            r("/v2/a/b/blobs/uploads/123"),
-            Some(Route::Upload("a/b".into(), "123".into()))
-        );
-        assert_eq!(
-            r("/v2/a/referrers/sha256:ab"),
-            Some(Route::Referrers("a".into(), "sha256:ab".into()))
-        );
-        assert_eq!(r("/v2/a/other/x"), None);
-        assert_eq!(r("/v3/a/blobs/x"), None);
-    }
-
-    #[test]
-    fn ranges_follow_the_conformance_suite() {
-        let p = |h: &str| parse_range(Some(h), 2048);
-        assert_eq!(p("bytes=500-1499"), RangeReq::Part(500, 1499));
-        assert_eq!(p("bytes=500-"), RangeReq::Part(500, 2047));
-        assert_eq!(p("bytes=-500"), RangeReq::Part(1548, 2047));
-        assert_eq!(p("bytes=2000-5000"), RangeReq::Part(2000, 2047));
-        assert_eq!(p("bytes=500-0"), RangeReq::Unsatisfiable);
-        assert_eq!(p("bytes=5000-10000"), RangeReq::Unsatisfiable);
-        assert_eq!(p("bytes=-0"), RangeReq::Unsatisfiable);
-        assert_eq!(p("bytes=-5000"), RangeReq::Part(0, 2047));
-        assert_eq!(p("bytes=0-1,5-6"), RangeReq::Full);
-        assert_eq!(parse_range(None, 10), RangeReq::Full);
-        assert_eq!(parse_range(Some("bytes=0-"), 0), RangeReq::Unsatisfiable);
-    }
-
-    #[test]
-    fn manifest_parsing() {
-        let d = BlobDigest::of(Algorithm::Sha256, b"x");
-        let cfg = BlobDigest::of(Algorithm::Sha256, b"{}");
-        let m = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "artifactType": "application/x",
-            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cfg.to_string(), "size": 2},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar", "digest": d.to_string(), "size": 1}],
-            "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d.to_string(), "size": 1},
-            "annotations": {"a": "b"}
-        });
-        let body = serde_json::to_vec(&m).unwrap();
-        let p = parse_manifest(
-            &body,
-            Some("application/vnd.oci.image.manifest.v1+json"),
-            &d,
-        )
-        .unwrap();
-        assert_eq!(p.required, vec![cfg]);
-        assert_eq!(p.subject, Some(d.clone()));
-        assert_eq!(p.referrer["artifactType"], "application/x");
-        assert_eq!(p.referrer["annotations"]["a"], "b");
-        let e = parse_manifest(&body, Some("application/vnd.oci.image.index.v1+json"), &d)
-            .err()
-            .unwrap();
-        assert_eq!(e.code, Code::ManifestInvalid);
-        assert_eq!(
-            parse_manifest(b"{", None, &d).err().unwrap().code,
-            Code::ManifestInvalid
-        );
-        assert_eq!(
-            parse_manifest(b"[]", None, &d).err().unwrap().code,
-            Code::ManifestInvalid
-        );
-    }
 }

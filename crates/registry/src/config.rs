@@ -29,6 +29,14 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_grace_secs: u64,
+    /// A client must send a request's headers within this many seconds of its first byte.
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in progress is closed after this many seconds.
+    pub idle_timeout_secs: u64,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// With an htpasswd file, `/metrics` needs an authenticated account unless this is true.
+    pub metrics_public: bool,
     /// Pull-through upstreams.
     pub upstream: Vec<UpstreamConfig>,
     /// Convert every plain image pushed (or pulled through) into its tessera twin,
@@ -50,6 +58,10 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             shutdown_grace_secs: 30,
+            header_read_timeout_secs: 30,
+            idle_timeout_secs: 120,
+            max_connections: 512,
+            metrics_public: false,
             upstream: Vec::new(),
             convert_on_push: false,
         }
@@ -164,6 +176,14 @@ impl Config {
         if !self.access.is_empty() && self.htpasswd.is_none() {
             return Err(ConfigError::Invalid(
                 "[[access]] rules need an htpasswd file (htpasswd = \"...\" or --htpasswd)".into(),
+            ));
+        }
+        if self.header_read_timeout_secs == 0
+            || self.idle_timeout_secs == 0
+            || self.max_connections == 0
+        {
+            return Err(ConfigError::Invalid(
+                "header_read_timeout_secs, idle_timeout_secs and max_connections must be at least 1".into(),
             ));
         }
         for u in &self.upstream {

@@ -1,8 +1,32 @@
 //! Errors: `StoreError` for the storage layers, `ApiError` for what a client sees
 //! (an OCI error code in a JSON body with the status the distribution spec gives it).
 
+use crate::auth::AuthError;
+use crate::config::ConfigError;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+
+/// Everything that can stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("a start-up task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("pull-through client: {0}")]
+    Upstream(String),
+}
 
 /// Failures of the blob backend or the metadata database.
 #[derive(Debug, thiserror::Error)]

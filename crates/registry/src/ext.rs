@@ -2,25 +2,27 @@
 //! manifest is accepted, their chunks enter the global chunk index, and clients ask in
 //! bulk which chunks the registry already holds.
 
-use crate::api::Shared;
 use crate::backend::Backend;
 use crate::config::Action;
 use crate::error::{ApiError, Code, StoreError};
 use crate::meta::ChunkHit;
 use crate::names::BlobDigest;
-use crate::Registry;
+use crate::state::{challenge, Registry, Shared};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use tessera_format::index::Index;
-use tessera_format::media::{INDEX_MEDIA_TYPE, PACK_MEDIA_TYPE};
+use tessera_format::media::{ARTIFACT_TYPE, INDEX_MEDIA_TYPE, PACK_MEDIA_TYPE};
 use tessera_format::pack;
 
 /// Most chunk ids one query may carry.
 pub const MAX_QUERY_IDS: usize = 100_000;
+/// Largest query body (100000 ids of 71 bytes, with room for JSON spacing).
+pub const MAX_QUERY_BYTES: usize = 16 << 20;
 
 /// Chunk ids of a stored pack, from its table of contents.
 pub fn pack_chunk_ids(backend: &dyn Backend, d: &BlobDigest) -> Result<Vec<String>, StoreError> {
@@ -30,6 +32,17 @@ pub fn pack_chunk_ids(backend: &dyn Backend, d: &BlobDigest) -> Result<Vec<Strin
 }
 
 impl Registry {
+    /// Remove stored bytes nobody links any more (caller holds the write lock).
+    pub(crate) fn remove_bytes(&self, d: &BlobDigest) -> Result<(), StoreError> {
+        let ds = d.to_string();
+        if self.meta.pack_admitted(&ds)? {
+            let ids = pack_chunk_ids(self.backend.as_ref(), d)?;
+            self.meta.forget_pack(&ds, &ids)?;
+        }
+        self.backend.delete(d)?;
+        Ok(())
+    }
+
     /// Verify the packs and the index of a tessera manifest and admit the packs' chunks
     /// to the global chunk index. Runs before the manifest becomes visible; on any
     /// failure nothing is admitted.
@@ -48,6 +61,16 @@ impl Registry {
             .filter(|(mt, _, _)| mt == PACK_MEDIA_TYPE)
             .map(|(_, d, _)| d.to_string())
             .collect();
+        // docs/format.md §5.1/§5.4: one index layer, and the packs are exactly its packs.
+        let indexes = layers
+            .iter()
+            .filter(|(mt, _, _)| mt == INDEX_MEDIA_TYPE)
+            .count();
+        if indexes != 1 {
+            return Err(reject(format!(
+                "a tessera image (artifactType {ARTIFACT_TYPE} or {PACK_MEDIA_TYPE} layers) needs exactly one {INDEX_MEDIA_TYPE} layer; this manifest has {indexes}"
+            )));
+        }
         for (mt, d, _) in layers {
             if mt == INDEX_MEDIA_TYPE {
                 let mut bytes = Vec::new();
@@ -58,13 +81,22 @@ impl Registry {
                     .map_err(|e| StoreError::io(d, e))?;
                 let index =
                     Index::decode(&bytes).map_err(|e| reject(format!("tessera index {d}: {e}")))?;
-                for p in &index.packs {
-                    let ps = format!("sha256:{}", p.hex());
-                    if !pack_digests.contains(&ps) {
+                let used: Vec<String> = index
+                    .packs
+                    .iter()
+                    .map(|p| format!("sha256:{}", p.hex()))
+                    .collect();
+                for ps in &used {
+                    if !pack_digests.contains(ps) {
                         return Err(reject(format!(
                             "tessera index {d} uses pack {ps}, which is not a layer of the manifest"
                         )));
                     }
+                }
+                if let Some(extra) = pack_digests.iter().find(|p| !used.contains(p)) {
+                    return Err(reject(format!(
+                        "pack layer {extra} is not used by tessera index {d}: the manifest must list exactly the index's packs"
+                    )));
                 }
                 continue;
             }
@@ -130,8 +162,28 @@ pub struct ChunkAnswer {
 pub async fn query_chunks(
     State(reg): State<Shared>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Response {
+    // A body over MAX_QUERY_BYTES (or one that broke off) gets an OCI JSON error too.
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Code::SizeInvalid
+            } else {
+                Code::Unsupported
+            };
+            return ApiError::new(
+                code,
+                format!(
+                    "chunk query body unreadable (at most {MAX_QUERY_BYTES} bytes): {}",
+                    e.body_text()
+                ),
+            )
+            .status(e.status())
+            .into_response();
+        }
+    };
     match answer(reg, headers, body).await {
         Ok(a) => Json(a).into_response(),
         Err(e) => e.into_response(),
@@ -144,8 +196,7 @@ async fn answer(
     body: axum::body::Bytes,
 ) -> Result<ChunkAnswer, ApiError> {
     if reg.auth.is_some() && !reg.may(&headers, None, Action::Pull) {
-        return Err(ApiError::new(Code::Unauthorized, "authentication required")
-            .header("www-authenticate", "Basic realm=\"tessera\""));
+        return Err(challenge());
     }
     let q: ChunkQuery = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(

@@ -1,8 +1,11 @@
 //! Entry points for the cargo-fuzz targets (fuzz/fuzz_targets/registry_inputs.rs): every
 //! parser that sees bytes from a client or an upstream, with the invariants they keep.
 
-use crate::api::{self, RangeReq};
+use crate::api;
+use crate::body::{parse_range, RangeReq};
+use crate::manifest::parse_manifest;
 use crate::names::{valid_repo, valid_tag, Algorithm, BlobDigest};
+use crate::routes::{parse_query, parse_route};
 use axum::http::{HeaderMap, HeaderValue};
 
 /// Run every registry input parser on `data` and check their invariants (panics on a
@@ -17,10 +20,10 @@ pub fn registry_inputs(data: &[u8]) {
         Some("application/vnd.oci.image.manifest.v1+json"),
         Some("application/vnd.oci.image.index.v1+json; charset=x"),
     ] {
-        if let Ok(p) = api::parse_manifest(data, ct, &d) {
+        if let Ok(p) = parse_manifest(data, ct, &d) {
             // Whatever is accepted names only well-formed digests and is JSON.
             assert!(serde_json::from_slice::<serde_json::Value>(data).is_ok());
-            for r in &p.required {
+            for (r, _) in &p.required {
                 assert!(BlobDigest::parse(&r.to_string()).is_ok());
             }
             let _ = p.wants_twin();
@@ -28,12 +31,12 @@ pub fn registry_inputs(data: &[u8]) {
     }
 
     // Paths, queries, names, digests.
-    if let Some(route) = api::parse_route(&text) {
+    if let Some(route) = parse_route(&text) {
         if let Some(repo) = route.repo() {
             let _ = valid_repo(repo);
         }
     }
-    let _ = api::parse_query(Some(&text));
+    let _ = parse_query(Some(&text));
     let _ = valid_tag(&text);
     if let Ok(bd) = BlobDigest::parse(&text) {
         assert_eq!(
@@ -46,7 +49,7 @@ pub fn registry_inputs(data: &[u8]) {
     // Range against every size up to a few bytes past the input, and a huge one.
     let size = data.len() as u64;
     for sz in [0, 1, size, size + 7, u64::MAX] {
-        match api::parse_range(Some(&text), sz) {
+        match parse_range(Some(&text), sz) {
             RangeReq::Part(a, b) => assert!(a <= b && b < sz, "range {a}-{b} outside {sz}"),
             RangeReq::Full | RangeReq::Unsatisfiable => {}
         }
@@ -62,5 +65,5 @@ pub fn registry_inputs(data: &[u8]) {
     }
 
     // An upstream's WWW-Authenticate challenge.
-    let _ = crate::proxy::parse_challenge(&text);
+    let _ = crate::upstream::parse_challenge(&text);
 }

@@ -327,10 +327,35 @@ impl Meta {
         page(&t, &p, last, n)
     }
 
-    pub fn repos(&self, last: Option<&str>, n: usize) -> Result<(Vec<String>, bool), StoreError> {
+    /// Up to `n` repositories after `last` (exclusive), in byte order, that hold at least
+    /// one manifest and pass `keep` (e.g. the caller's read access), and whether more such
+    /// follow. Filtering happens before the page is cut, so a page is short only at the end.
+    pub fn repos(
+        &self,
+        last: Option<&str>,
+        n: usize,
+        mut keep: impl FnMut(&str) -> bool,
+    ) -> Result<(Vec<String>, bool), StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(REPOS)?;
-        page(&t, "", last, n)
+        let manifests = tx.open_table(MANIFESTS)?;
+        // The smallest key strictly after `last`.
+        let start = last.map(|l| format!("{l}\0")).unwrap_or_default();
+        let mut out = Vec::new();
+        for r in t.range(start.as_str()..)? {
+            let (k, _) = r?;
+            let name = k.value();
+            let p = format!("{name}\0");
+            let end = prefix_end(&p);
+            if manifests.range(p.as_str()..end.as_str())?.next().is_none() || !keep(name) {
+                continue;
+            }
+            if out.len() == n {
+                return Ok((out, true));
+            }
+            out.push(name.to_string());
+        }
+        Ok((out, false))
     }
 
     pub fn referrers(
@@ -552,8 +577,8 @@ mod tests {
     use super::*;
     use crate::names::Algorithm;
 
-    #[test]
-    fn tags_page_in_order_and_stay_in_their_repo() {
+    /// A fresh database, a digest and a manifest record to store under it.
+    fn fixture() -> (tempfile::TempDir, Meta, BlobDigest, ManifestMeta) {
         let dir = tempfile::tempdir().unwrap();
         let m = Meta::open(&dir.path().join("m.redb")).unwrap();
         let d = BlobDigest::of(Algorithm::Sha256, b"m");
@@ -562,6 +587,12 @@ mod tests {
             size: 1,
             subject: None,
         };
+        (dir, m, d, meta)
+    }
+
+    #[test]
+    fn tags_page_in_order_and_stay_in_their_repo() {
+        let (_dir, m, d, meta) = fixture();
         let tags: Vec<String> = ["b", "a", "c", "A"].iter().map(|s| s.to_string()).collect();
         m.put_manifest("r", &d, &meta, &tags, None).unwrap();
         m.put_manifest("r/x", &d, &meta, &["zz".to_string()], None)
@@ -584,14 +615,44 @@ mod tests {
         );
         assert_eq!(m.tags("r", None, 0).unwrap(), (vec![], true));
         assert_eq!(
-            m.repos(None, 10).unwrap().0,
+            m.repos(None, 10, |_| true).unwrap().0,
             vec!["r".to_string(), "r/x".into()]
         );
-        assert_eq!(m.repos(Some("r"), 10).unwrap().0, vec!["r/x".to_string()]);
+        assert_eq!(
+            m.repos(Some("r"), 10, |_| true).unwrap().0,
+            vec!["r/x".to_string()]
+        );
         let u = m.delete_manifest("r", &d).unwrap();
         assert!(u.existed && !u.orphan, "r/x still uses it");
         assert_eq!(m.tags("r", None, 10).unwrap().0, Vec::<String>::new());
         assert!(m.delete_manifest("r/x", &d).unwrap().orphan);
+    }
+
+    #[test]
+    fn catalog_filters_before_paging_and_skips_repos_without_manifests() {
+        let (_dir, m, d, meta) = fixture();
+        for r in ["a", "b", "c", "d", "e"] {
+            m.put_manifest(r, &d, &meta, &[], None).unwrap();
+        }
+        // Only "d" and "e" are readable: the first page of one still finds "d".
+        let readable = |r: &str| r == "d" || r == "e";
+        assert_eq!(
+            m.repos(None, 1, readable).unwrap(),
+            (vec!["d".into()], true)
+        );
+        assert_eq!(
+            m.repos(Some("d"), 1, readable).unwrap(),
+            (vec!["e".into()], false)
+        );
+        // A repository whose manifests are all deleted leaves the listing, as does one
+        // that only has blobs.
+        m.delete_manifest("b", &d).unwrap();
+        m.link_blob("f", &d, 1).unwrap();
+        assert_eq!(
+            m.repos(None, 10, |_| true).unwrap(),
+            (vec!["a".into(), "c".into(), "d".into(), "e".into()], false)
+        );
+        assert_eq!(m.repos(None, 0, |_| true).unwrap(), (vec![], true));
     }
 
     #[test]

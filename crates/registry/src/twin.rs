@@ -6,10 +6,10 @@
 //! The converter talks to the registry through [`LocalRepo`], a `tessera_oci::Store`
 //! over one repository that goes through the same checks as HTTP pushes.
 
-use crate::api::{parse_manifest, Shared};
 use crate::error::{ApiError, StoreError};
+use crate::manifest::parse_manifest;
 use crate::names::{Algorithm, BlobDigest};
-use crate::Registry;
+use crate::state::{Registry, Shared};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -106,15 +106,14 @@ impl LocalRepo {
         }
     }
 
-    fn bd(d: &Digest) -> BlobDigest {
-        // A tessera Digest is always a well-formed sha256.
-        BlobDigest::parse(&d.to_string()).unwrap_or_else(|_| BlobDigest::of(Algorithm::Sha256, b""))
+    fn bd(d: &Digest) -> tessera_oci::Result<BlobDigest> {
+        blob_digest(d)
     }
 
     /// The blob's size if this repository can read it, fetching it from the pull-through
     /// upstream when needed.
     fn size_of(&self, d: &Digest) -> tessera_oci::Result<u64> {
-        let bd = Self::bd(d);
+        let bd = Self::bd(d)?;
         if let Some(s) = self
             .reg
             .meta
@@ -146,6 +145,13 @@ impl LocalRepo {
             .link_blob(&self.repo, d, size)
             .map_err(store_err)
     }
+}
+
+/// The registry's digest type for a tessera digest. A digest that does not parse is an
+/// error: a stand-in (such as the empty blob's digest) would read or write the wrong blob.
+fn blob_digest(d: &impl std::fmt::Display) -> tessera_oci::Result<BlobDigest> {
+    let s = d.to_string();
+    BlobDigest::parse(&s).map_err(|e| OciError::Registry(format!("digest {s:?}: {e}")))
 }
 
 fn store_err(e: StoreError) -> OciError {
@@ -207,7 +213,7 @@ impl Store for LocalRepo {
         let r = self
             .reg
             .backend
-            .open(&Self::bd(digest), 0)
+            .open(&Self::bd(digest)?, 0)
             .map_err(store_err)?;
         Ok(Box::new(VerifyingReader::new(
             r,
@@ -222,7 +228,7 @@ impl Store for LocalRepo {
         let mut out = Vec::with_capacity(len as usize);
         self.reg
             .backend
-            .open(&Self::bd(digest), offset)
+            .open(&Self::bd(digest)?, offset)
             .map_err(store_err)?
             .take(len)
             .read_to_end(&mut out)
@@ -234,13 +240,13 @@ impl Store for LocalRepo {
         Ok(self
             .reg
             .meta
-            .blob_in_repo(&self.repo, &Self::bd(digest))
+            .blob_in_repo(&self.repo, &Self::bd(digest)?)
             .map_err(store_err)?
             .is_some())
     }
 
     fn put_blob_file(&self, digest: &Digest, size: u64, path: &Path) -> tessera_oci::Result<()> {
-        let bd = Self::bd(digest);
+        let bd = Self::bd(digest)?;
         let session = uuid::Uuid::new_v4().to_string();
         let b = &self.reg.backend;
         b.upload_create(&session).map_err(store_err)?;
@@ -280,7 +286,7 @@ impl Store for LocalRepo {
     }
 
     fn put_blob_bytes(&self, digest: &Digest, bytes: &[u8]) -> tessera_oci::Result<()> {
-        let bd = Self::bd(digest);
+        let bd = Self::bd(digest)?;
         if Digest::of(bytes) != *digest {
             return Err(OciError::DigestMismatch {
                 what: "blob".into(),
@@ -303,7 +309,7 @@ impl Store for LocalRepo {
         media_type: &str,
     ) -> tessera_oci::Result<Digest> {
         let digest = Digest::of(bytes);
-        let bd = Self::bd(&digest);
+        let bd = Self::bd(&digest)?;
         let parsed = parse_manifest(bytes, Some(media_type), &bd).map_err(api_err)?;
         let tags: Vec<String> = tag.map(|t| vec![t.to_string()]).unwrap_or_default();
         self.reg
@@ -322,7 +328,7 @@ impl Store for LocalRepo {
             return Ok(());
         }
         if let Some((host, repo)) = from.registry_location() {
-            let bd = Self::bd(digest);
+            let bd = Self::bd(digest)?;
             if host == LOCAL {
                 if let Some(s) = self.reg.meta.blob_in_repo(&repo, &bd).map_err(store_err)? {
                     return self.link(&bd, s);
@@ -359,7 +365,7 @@ impl Store for LocalRepo {
                     continue;
                 }
             };
-            let bd = Self::bd(&pack);
+            let bd = Self::bd(&pack)?;
             let mut found = None;
             // With auth, the pushing user may not read other repositories: reuse only packs
             // already in this one. Without auth every repository is readable by anyone.
@@ -393,5 +399,19 @@ impl Store for LocalRepo {
             repository,
             &self.staging,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_digest_that_does_not_parse_is_an_error_not_the_empty_blob() {
+        let d = Digest::of(b"x");
+        assert_eq!(blob_digest(&d).unwrap().to_string(), d.to_string());
+        for bad in ["sha256:zz", "", "md5:d41d8cd98f00b204e9800998ecf8427e"] {
+            assert!(blob_digest(&bad).is_err(), "{bad:?} parsed");
+        }
     }
 }

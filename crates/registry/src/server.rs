@@ -1,0 +1,289 @@
+//! The HTTP server: the router (metrics, the tessera extension, the Distribution API
+//! behind the access check), request metrics and logging, and start-up and shutdown.
+
+use crate::api;
+use crate::auth::Identity;
+use crate::config::Config;
+use crate::conn::{Limited, Limits, MakeConn};
+use crate::error::{ApiError, Code, ServeError};
+use crate::ext;
+use crate::metrics::{RequestLabels, RouteLabels};
+use crate::routes::{parse_route, required_action};
+use crate::state::{challenge, Registry, Shared};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+async fn v2(State(reg): State<Shared>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let Some(route) = parse_route(parts.uri.path()) else {
+        return ApiError::new(
+            Code::NameInvalid,
+            format!("no such endpoint: {}", parts.uri.path()),
+        )
+        .status(StatusCode::NOT_FOUND)
+        .into_response();
+    };
+    // `?ns=NAME` (containerd's mirror form) means the pull-through repository NAME/REPO.
+    let ns = parts.uri.query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("ns="))
+            .map(str::to_string)
+    });
+    let ns = ns.filter(|ns| reg.proxy.knows(ns));
+    let route = match &ns {
+        Some(ns) => route.under_namespace(ns),
+        None => route,
+    };
+    let query = parts.uri.query().map(|q| {
+        q.split('&')
+            .filter(|kv| !kv.starts_with("ns="))
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    let action = required_action(&route, &parts.method);
+    // bcrypt takes tens of milliseconds: keep it off the async worker threads.
+    let authorized = if reg.auth.is_some() {
+        tokio::task::block_in_place(|| reg.authorize(&parts.headers, &route, action))
+    } else {
+        Ok(())
+    };
+    if let Err(e) = authorized {
+        return e.into_response();
+    }
+    let mut resp =
+        match api::dispatch(reg.clone(), route, parts.method, query, parts.headers, body).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+    let h = resp.headers_mut();
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    if let Some(ns) = ns {
+        if let Ok(v) = HeaderValue::from_str(&ns) {
+            h.insert("oci-namespace", v);
+        }
+    }
+    resp
+}
+
+async fn metrics_handler(State(reg): State<Shared>, headers: HeaderMap) -> Response {
+    // With auth on, metrics are for accounts only unless `metrics_public` says otherwise.
+    if let Some(a) = reg.auth.as_ref().filter(|_| !reg.config.metrics_public) {
+        let hdr = headers.get("authorization").and_then(|v| v.to_str().ok());
+        // bcrypt takes tens of milliseconds: keep it off the async worker threads.
+        let who = tokio::task::block_in_place(|| a.identify(hdr));
+        if !matches!(who, Some(Identity::User(_))) {
+            return challenge().into_response();
+        }
+    }
+    if let Ok((chunks, _)) = reg.meta.stats() {
+        reg.metrics.chunks_indexed.set(chunks as i64);
+    }
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        reg.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn observe(
+    State(reg): State<Shared>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let route = if path.starts_with("/tessera/") {
+        "tessera"
+    } else if path == "/metrics" {
+        "metrics"
+    } else {
+        parse_route(&path).map(|r| r.label()).unwrap_or("other")
+    };
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let secs = start.elapsed().as_secs_f64();
+    reg.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            method: method.clone(),
+            route,
+            status,
+        })
+        .inc();
+    reg.metrics
+        .latency
+        .get_or_create(&RouteLabels { route })
+        .observe(secs);
+    if status >= 500 {
+        tracing::warn!(%method, %path, status, ms = secs * 1000.0, "request failed");
+    } else {
+        tracing::debug!(%method, %path, status, ms = secs * 1000.0, "request");
+    }
+    resp
+}
+
+/// Other methods on the fixed endpoints: an OCI JSON error, like every other error.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    ApiError::new(
+        Code::Unsupported,
+        format!("method {method} is not supported on {}", uri.path()),
+    )
+    .into_response()
+}
+
+/// The HTTP application (also used by tests in-process).
+pub fn router(reg: Shared) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(metrics_handler).fallback(method_not_allowed),
+        )
+        .route(
+            "/tessera/v1/chunks",
+            axum::routing::post(ext::query_chunks)
+                .fallback(method_not_allowed)
+                // 100000 ids of 71 bytes; axum's default body limit is 2 MiB.
+                .layer(axum::extract::DefaultBodyLimit::max(ext::MAX_QUERY_BYTES)),
+        )
+        .fallback(v2)
+        .layer(axum::middleware::from_fn_with_state(reg.clone(), observe))
+        .with_state(reg)
+}
+
+/// Run until SIGINT/SIGTERM; `ready` gets the bound address (useful with port 0).
+pub async fn serve(config: Config, ready: impl FnOnce(SocketAddr, bool)) -> Result<(), ServeError> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Some(
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(c, k)
+                    .await
+                    .map_err(|e| {
+                        ServeError::Tls(format!("{} / {}: {e}", c.display(), k.display()))
+                    })?,
+            )
+        }
+        _ => None,
+    };
+    let listen = config.listen;
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let limits = Limits {
+        header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
+        idle_timeout: Duration::from_secs(config.idle_timeout_secs),
+        max_connections: config.max_connections,
+    };
+    let root = config.root.clone();
+    let cfg2 = config;
+    let reg: Shared = Arc::new(start_up(move || Registry::open(cfg2)).await?);
+    let listener = std::net::TcpListener::bind(listen).map_err(|source| ServeError::Listen {
+        addr: listen,
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| ServeError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: listen,
+        source,
+    })?;
+    let handle = axum_server::Handle::new();
+    {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            handle.graceful_shutdown(Some(grace));
+        });
+    }
+    {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(600));
+            loop {
+                tick.tick().await;
+                let reg = reg.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = reg.expire_uploads() {
+                        tracing::warn!(error = %e, "upload expiry failed");
+                    }
+                })
+                .await;
+            }
+        });
+    }
+    tracing::info!(%addr, root = %root.display(), tls = tls.is_some(), "registry listening");
+    ready(addr, tls.is_some());
+    let limited = Limited::new(axum_server::accept::NoDelayAcceptor::new(), limits);
+    let app = MakeConn::new(router(reg), &limits);
+    let res = match tls {
+        Some(t) => {
+            // Small replies (Range GETs of one chunk) must not wait for delayed ACKs.
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(t).acceptor(limited);
+            axum_server::from_tcp(listener)
+                .map_err(|source| ServeError::Listen { addr, source })?
+                .acceptor(acceptor)
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+        None => {
+            axum_server::from_tcp(listener)
+                .map_err(|source| ServeError::Listen { addr, source })?
+                .acceptor(limited)
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+    };
+    res.map_err(|source| ServeError::Listen { addr, source })
+}
+
+/// Run blocking start-up work off the async threads; a task that panics is reported
+/// as such (not as, say, a TLS error).
+async fn start_up<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServeError> + Send + 'static,
+) -> Result<T, ServeError> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_start_up_task_is_its_own_error() {
+        let e = start_up(|| -> Result<(), ServeError> { panic!("start-up task panics") })
+            .await
+            .err();
+        assert!(matches!(e, Some(ServeError::Join(_))), "{e:?}");
+    }
+}
