@@ -1,5 +1,14 @@
 //! `tessera`: the command-line front end. Thin glue over the library crates.
 
+/// `println!` for command output: a closed stdout (`tessera cache stats | head`) ends
+/// the command quietly (see [`StdoutClosed`]) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::stdout_error)?
+    }};
+}
+
 mod mount_cmd;
 mod mountd;
 
@@ -449,7 +458,7 @@ fn run(cli: &Cli) -> Result<i32> {
                 .convert(&src_tag, Some(&dst_tag))
                 .with_context(|| format!("converting {src} to {dst}"))?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 for i in &report.images {
                     let plat = i
@@ -481,7 +490,7 @@ fn run(cli: &Cli) -> Result<i32> {
                         i.tar_bytes as f64 / 1e6 / i.seconds.max(1e-9)
                     );
                 }
-                println!("{dst} {}", report.digest);
+                outln!("{dst} {}", report.digest);
             }
             Ok(0)
         }
@@ -504,7 +513,7 @@ fn run(cli: &Cli) -> Result<i32> {
                 .with_context(|| format!("unpacking {reference} into {}", dir.display()))?;
             bar.finish_and_clear();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&rep)?);
+                outln!("{}", serde_json::to_string_pretty(&rep)?);
             } else {
                 eprintln!(
                     "unpacked {} entries ({} files, {}) into {}",
@@ -528,38 +537,48 @@ fn run(cli: &Cli) -> Result<i32> {
                 (!dedup_with.is_empty()).then(|| dict.chunk_ids().copied().collect());
             let s = tessera_image::inspect::summarize(&img, set.as_ref());
             if *json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("manifest      {}", s.manifest);
-                println!("subject       {}", s.subject.as_deref().unwrap_or("-"));
-                println!(
+                outln!("manifest      {}", s.manifest);
+                outln!("subject       {}", s.subject.as_deref().unwrap_or("-"));
+                outln!(
                     "index         {} ({} bytes, {:.1} bytes/entry)",
-                    s.index_digest, s.index_bytes, s.index_bytes_per_entry
+                    s.index_digest,
+                    s.index_bytes,
+                    s.index_bytes_per_entry
                 );
-                println!(
+                outln!(
                     "entries       {} ({} dirs, {} files, {} symlinks, {} hardlinks, {} other)",
-                    s.entries, s.directories, s.files, s.symlinks, s.hardlinks, s.other
+                    s.entries,
+                    s.directories,
+                    s.files,
+                    s.symlinks,
+                    s.hardlinks,
+                    s.other
                 );
-                println!("file bytes    {}", mb(s.file_bytes));
-                println!(
+                outln!("file bytes    {}", mb(s.file_bytes));
+                outln!(
                     "chunks        {} distinct of {} references",
-                    s.chunks, s.chunk_refs
+                    s.chunks,
+                    s.chunk_refs
                 );
-                println!(
+                outln!(
                     "unique bytes  {} ({} stored, ratio {:.2})",
                     mb(s.unique_bytes),
                     mb(s.stored_bytes),
                     s.unique_bytes as f64 / s.stored_bytes.max(1) as f64
                 );
-                println!("packs         {}", s.packs.len());
+                outln!("packs         {}", s.packs.len());
                 for p in &s.packs {
-                    println!(
+                    outln!(
                         "  {} {:>10} bytes, {} chunks used",
-                        p.digest, p.size, p.chunks_used
+                        p.digest,
+                        p.size,
+                        p.chunks_used
                     );
                 }
                 if let Some(d) = &s.dictionary {
-                    println!(
+                    outln!(
                         "dictionary    {} chunks ({}) shared, {} chunks ({}) new",
                         d.shared_chunks,
                         mb(d.shared_bytes),
@@ -584,10 +603,10 @@ fn run(cli: &Cli) -> Result<i32> {
             let diffs = tessera_treediff::compare(left, right, &opts)
                 .with_context(|| format!("comparing {} and {}", left.display(), right.display()))?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&diffs)?);
+                outln!("{}", serde_json::to_string_pretty(&diffs)?);
             } else {
                 for d in &diffs {
-                    println!("{d}");
+                    outln!("{d}");
                 }
                 if diffs.is_empty() {
                     eprintln!("trees are identical");
@@ -600,11 +619,38 @@ fn run(cli: &Cli) -> Result<i32> {
     }
 }
 
+/// Whoever read our stdout is gone: the output has nowhere to go, and that is no error.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// A failed write to stdout: a closed pipe becomes [`StdoutClosed`].
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("writing to standard output")
+    }
+}
+
+/// Exit status of a command whose stdout was closed: what a shell reports for SIGPIPE.
+const EXIT_STDOUT_CLOSED: i32 = 128 + 13;
+
 fn main() {
     let cli = Cli::parse();
     init_logging(&cli);
     match run(&cli) {
         Ok(code) => std::process::exit(code),
+        Err(e) if e.chain().any(|c| c.is::<StdoutClosed>()) => {
+            std::process::exit(EXIT_STDOUT_CLOSED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::exit(2);

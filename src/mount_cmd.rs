@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tessera_mount::fetch::{FetchOptions, Fetcher};
 use tessera_mount::store::{MountInfo, NodeStore, StoreOptions};
-use tessera_mount::{ImageFs, Writable};
+use tessera_mount::{Access, ImageFs, Writable};
 
 use crate::RegistryArgs;
 
@@ -40,10 +40,24 @@ pub struct MountOpts {
     #[arg(long)]
     writable: bool,
     /// With --writable: directory holding upper/, work/ and lower/ (kept after unmount,
-    /// so a later mount can reuse the changes) [default: a fresh one under
-    /// /var/lib/tessera/overlays].
+    /// so a later mount can reuse the changes) [default: a fresh one under the node
+    /// store's overlays/, removed with its changes on unmount].
     #[arg(long, value_name = "DIR", requires = "writable")]
     upper: Option<PathBuf>,
+    /// Let every user reach the mount (FUSE allow_other), as a container runtime whose
+    /// processes run as other users needs; by default only the mounting user can.
+    #[arg(long)]
+    #[serde(default)]
+    allow_other: bool,
+    /// Honour setuid/setgid bits of the image's files (default: nosuid; only for images
+    /// you trust, e.g. a container runtime that needs them).
+    #[arg(long)]
+    #[serde(default)]
+    suid: bool,
+    /// Honour device nodes of the image (default: nodev; only for images you trust).
+    #[arg(long)]
+    #[serde(default)]
+    dev: bool,
     /// How long a read waits for the registry (retrying with backoff) before EIO.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     fetch_timeout: u64,
@@ -97,13 +111,6 @@ pub struct MountOpts {
 }
 
 impl MountOpts {
-    /// With --writable and no --upper, a fresh overlay directory named `name`.
-    pub fn default_upper(&mut self, name: &str) {
-        if self.writable && self.upper.is_none() {
-            self.upper = Some(PathBuf::from("/var/lib/tessera/overlays").join(name));
-        }
-    }
-
     /// Thread counts kept sane (they come from a client of the daemon).
     pub fn clamp(&mut self) {
         self.threads = self.threads.clamp(1, 64);
@@ -229,7 +236,7 @@ pub fn profile(cmd: &ProfileCmd) -> Result<i32> {
                 &created.to_string(),
             )
             .with_context(|| format!("storing the profile beside {reference}"))?;
-            println!("{d}");
+            outln!("{d}");
         }
         ProfileCmd::Show {
             reference,
@@ -243,7 +250,9 @@ pub fn profile(cmd: &ProfileCmd) -> Result<i32> {
             {
                 Some((digest, text)) => {
                     eprintln!("profile {digest}");
-                    std::io::stdout().write_all(&text)?;
+                    std::io::stdout()
+                        .write_all(&text)
+                        .map_err(crate::stdout_error)?;
                 }
                 None => bail!(
                     "no read profile is stored with {reference}{} (record one with tessera mount --record-profile, store it with tessera profile push)",
@@ -303,6 +312,8 @@ pub struct Job {
     fetcher: Arc<Fetcher>,
     pin: PathBuf,
     info: MountInfo,
+    /// A fresh copy-on-write directory (no --upper): removed once unmounted.
+    scratch: Option<Writable>,
     /// Set (under the lock) when the pin goes: the counters are not published again.
     finished: std::sync::Mutex<bool>,
 }
@@ -342,6 +353,11 @@ impl Job {
         *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = true;
         tracing::info!(image = %self.reference, dir = %self.dir.display(), counters = %self.fetcher.counters_json(), "unmounted");
         store.unpin(&self.pin);
+        if let Some(w) = &self.scratch {
+            if let Err(e) = w.remove() {
+                tracing::warn!(error = %e, "cannot remove the mount's copy-on-write directory");
+            }
+        }
     }
 }
 
@@ -445,6 +461,16 @@ pub fn start(
             })
             .context("starting the profile lookup")?;
     }
+    // Relative paths are made absolute here, so `tessera umount` finds both mounts.
+    let (writable, scratch) = match (&o.upper, o.writable) {
+        (_, false) => (None, None),
+        (Some(u), true) if n == 0 => (Some(Writable::new(u)?), None),
+        (Some(u), true) => (Some(Writable::new(&u.join(format!("{n}")))?), None),
+        (None, true) => {
+            let w = Writable::fresh_in(&store.dir().join("overlays"))?;
+            (Some(w.clone()), Some(w))
+        }
+    };
     // Chunks and the sealed files of this image stay while it is mounted.
     let mut ids: Vec<_> = img.index.chunks.iter().map(|c| c.id).collect();
     let chunk_count = ids.len() as u64;
@@ -457,25 +483,27 @@ pub fn start(
         chunks: chunk_count,
         counters: serde_json::Value::Null,
     };
-    let pin = store
-        .pin(&ids, &info)
-        .context("registering the mount in the node store")?;
-    let writable = o.writable.then(|| {
-        let base = match &o.upper {
-            Some(u) if n == 0 => u.clone(),
-            Some(u) => u.join(format!("{n}")),
-            None => PathBuf::from("/var/lib/tessera/overlays")
-                .join(format!("{}-{n}", std::process::id())),
-        };
-        Writable { base }
-    });
+    let pin = match store.pin(&ids, &info) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(w) = &scratch {
+                let _ = w.remove();
+            }
+            return Err(e).context("registering the mount in the node store");
+        }
+    };
+    let access = Access {
+        allow_other: o.allow_other,
+        suid: o.suid,
+        dev: o.dev,
+    };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
     let (d2, threads) = (dir.to_path_buf(), o.threads);
     let spawned = std::thread::Builder::new()
         .name(format!("tessera-mount-{n}"))
         .spawn(move || {
             let tx = ready_tx.clone();
-            let r = tessera_mount::serve(fs, &d2, threads, writable.as_ref(), move || {
+            let r = tessera_mount::serve(fs, &d2, threads, writable.as_ref(), access, move || {
                 let _ = tx.send(Ok(()));
             });
             if let Err(e) = &r {
@@ -490,6 +518,7 @@ pub fn start(
         fetcher,
         pin,
         info,
+        scratch,
         finished: Default::default(),
     });
     let session = match spawned {
@@ -613,24 +642,24 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
         CacheCmd::Stats { store, json } => {
             let s = store.open()?.stats().context("reading the node store")?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("node store   {}", s.dir);
-                println!("chunks       {} ({} in all)", s.chunks, gib(s.bytes));
-                println!(
+                outln!("node store   {}", s.dir);
+                outln!("chunks       {} ({} in all)", s.chunks, gib(s.bytes));
+                outln!(
                     "sealed files {} ({}; {} chunks are pointers into them)",
                     s.sealed_files,
                     gib(s.sealed_bytes),
                     s.pointers
                 );
-                println!(
+                outln!(
                     "pinned       {} ({}) by {} mount(s)",
                     s.pinned_chunks,
                     gib(s.pinned_bytes),
                     s.mounts.len()
                 );
                 for m in &s.mounts {
-                    println!(
+                    outln!(
                         "  pid {:>7}  {}  at {}  fetched {}  verification failures {}",
                         m.pid,
                         m.reference,
@@ -640,7 +669,7 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
                     );
                 }
                 if s.stale_pins > 0 || s.temp_files > 0 {
-                    println!(
+                    outln!(
                         "leftovers    {} stale pin(s), {} temp file(s) (tessera cache gc removes them)",
                         s.stale_pins, s.temp_files
                     );
@@ -654,9 +683,9 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
         } => {
             let r = store.open()?.gc(*max_size).context("collecting garbage")?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                outln!(
                     "removed {} chunk(s) ({}), kept {} ({}), {} of them used by mounted images",
                     r.removed_chunks,
                     gib(r.removed_bytes),
@@ -685,9 +714,9 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
                 .context("verifying the node store")?;
             bar.finish_and_clear();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                outln!(
                     "checked {} chunk(s) ({}) and {} sealed file(s): {} corrupt chunk(s), {} corrupt sealed file(s), {} misplaced, removed",
                     r.checked,
                     gib(r.bytes),

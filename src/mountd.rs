@@ -68,7 +68,6 @@ struct Daemon {
     jobs: Jobs,
     /// Mount threads still running (finished ones have let go of their pins).
     live: AtomicUsize,
-    seq: AtomicUsize,
     stopping: AtomicBool,
     /// Connections being served.
     conns: AtomicUsize,
@@ -86,7 +85,6 @@ pub fn mountd(a: &MountdArgs) -> Result<i32> {
         store: store.clone(),
         jobs: Arc::default(),
         live: AtomicUsize::new(0),
-        seq: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
         conns: AtomicUsize::new(0),
     });
@@ -99,8 +97,12 @@ pub fn mountd(a: &MountdArgs) -> Result<i32> {
             .spawn(move || wait_for_signal(&d, &socket))
             .context("starting the signal handler")?;
     }
-    println!("listening on {}", a.socket.display());
-    let _ = std::io::stdout().flush();
+    {
+        // A daemon whose stdout is gone keeps serving.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {}", a.socket.display());
+        let _ = out.flush();
+    }
     tracing::info!(socket = %a.socket.display(), store = %store.dir().display(), "mount daemon listening");
     for conn in listener.incoming() {
         if d.stopping.load(Ordering::SeqCst) {
@@ -286,8 +288,6 @@ fn handle(d: &Arc<Daemon>, mut conn: UnixStream) -> Result<()> {
                     },
                 );
             }
-            let k = d.seq.fetch_add(1, Ordering::SeqCst);
-            opts.default_upper(&format!("{}-d{k}", std::process::id()));
             opts.clamp();
             // Counted before it starts, so a stop waits for it.
             d.live.fetch_add(1, Ordering::SeqCst);
@@ -375,10 +375,7 @@ pub fn request_mounts(socket: &Path, targets: &[String], opts: &MountOpts) -> Re
         let a: Answer = serde_json::from_str(&reply)
             .with_context(|| format!("the mount daemon answered {reply:?}"))?;
         match (a.ok, a.message, a.error) {
-            (true, Some(m), _) => {
-                println!("{m}");
-                let _ = std::io::stdout().flush();
-            }
+            (true, Some(m), _) => outln!("{m}"),
             (_, _, Some(e)) => bail!("the mount daemon could not mount {reference}: {e}"),
             _ => bail!("the mount daemon answered {reply:?}"),
         }
