@@ -320,6 +320,25 @@ impl Registry {
 }
 
 /// The OCI 1.1 referrers fallback tag of a subject: `sha256-<hex>`.
+impl Registry {
+    /// GET bytes `offset..offset+len` of a blob: a successful answer, 206 or (from a
+    /// registry that ignores `Range`) 200 with the whole blob.
+    fn range_request(&self, digest: &Digest, offset: u64, len: u64) -> Result<Response> {
+        let url = format!("{}/blobs/{digest}", self.base);
+        let range = format!("bytes={}-{}", offset, offset + len - 1);
+        // A hung registry must not hang the reader (lazy mounts retry on errors).
+        let resp = self.send(&|c| {
+            c.get(&url)
+                .header(RANGE, range.as_str())
+                .timeout(RANGE_TIMEOUT)
+        })?;
+        if !resp.status().is_success() {
+            return Err(self.error_of(&format!("range of blob {digest}"), resp));
+        }
+        Ok(resp)
+    }
+}
+
 fn fallback_tag(subject: &Digest) -> String {
     format!("sha256-{}", subject.hex())
 }
@@ -431,20 +450,9 @@ impl Store for Registry {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let url = format!("{}/blobs/{digest}", self.base);
-        let range = format!("bytes={}-{}", offset, offset + len - 1);
-        // A hung registry must not hang the reader (lazy mounts retry on errors).
-        let resp = self.send(&|c| {
-            c.get(&url)
-                .header(RANGE, range.as_str())
-                .timeout(RANGE_TIMEOUT)
-        })?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(self.error_of(&format!("range of blob {digest}"), resp));
-        }
+        let resp = self.range_request(digest, offset, len)?;
         let mut buf = Vec::with_capacity(len as usize);
-        if status == StatusCode::PARTIAL_CONTENT {
+        if resp.status() == StatusCode::PARTIAL_CONTENT {
             resp.take(len)
                 .read_to_end(&mut buf)
                 .map_err(|e| OciError::io("reading a blob range", e))?;
@@ -464,6 +472,38 @@ impl Store for Registry {
             )));
         }
         Ok(buf)
+    }
+
+    fn read_range_or_whole(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        size: u64,
+    ) -> Result<crate::RangeRead> {
+        if len == 0 {
+            return Ok(crate::RangeRead::Range(Vec::new()));
+        }
+        let resp = self.range_request(digest, offset, len)?;
+        if resp.status() == StatusCode::PARTIAL_CONTENT {
+            let mut buf = Vec::with_capacity(len as usize);
+            resp.take(len)
+                .read_to_end(&mut buf)
+                .map_err(|e| OciError::io("reading a blob range", e))?;
+            if buf.len() as u64 != len {
+                return Err(OciError::Registry(format!(
+                    "short range read of {digest}: {} of {len} bytes",
+                    buf.len()
+                )));
+            }
+            return Ok(crate::RangeRead::Range(buf));
+        }
+        Ok(crate::RangeRead::Whole(Box::new(VerifyingReader::new(
+            resp,
+            *digest,
+            size,
+            format!("blob {digest}"),
+        ))))
     }
 
     fn has_blob(&self, digest: &Digest) -> Result<bool> {
