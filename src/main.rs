@@ -1,14 +1,9 @@
 //! `tessera`: the command-line front end. Thin glue over the library crates.
 
-/// `println!` for command output: a closed stdout (`tessera cache stats | head`) ends
-/// the command quietly (see [`StdoutClosed`]) instead of panicking.
-macro_rules! outln {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::stdout_error)?
-    }};
-}
+#[macro_use]
+mod output;
 
+mod args;
 mod mount_cmd;
 mod mountd;
 
@@ -19,9 +14,9 @@ use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use tessera_convert::{Converter, Dictionary, Options as ConvertOptions};
-use tessera_image::TesseraImage;
-use tessera_oci::registry::ClientOptions;
-use tessera_oci::{ImageRef, Store};
+use tessera_oci::ImageRef;
+
+use args::RegistryArgs;
 
 const REFS_HELP: &str = "Image references:
   HOST[:PORT]/REPO[:TAG|@DIGEST]   a registry (plain HTTP for loopback hosts or with --plain-http)
@@ -48,19 +43,6 @@ struct Cli {
 enum LogFormat {
     Text,
     Json,
-}
-
-#[derive(clap::Args, Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct RegistryArgs {
-    /// Use plain HTTP for registries that are not on loopback.
-    #[arg(long)]
-    plain_http: bool,
-    /// Registry credentials USER:PASSWORD (default: ~/.docker/config.json).
-    #[arg(long, value_name = "USER:PASSWORD")]
-    creds: Option<String>,
-    /// Platform to pick from a multi-platform image (os/arch).
-    #[arg(long)]
-    platform: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -340,52 +322,10 @@ fn progress(cli: &Cli) -> MultiProgress {
     }
 }
 
-fn client_opts(reg: &RegistryArgs) -> ClientOptions {
-    ClientOptions {
-        creds: reg.creds.clone(),
-        docker_config: None,
-    }
-}
-
-fn open(reference: &str, reg: &RegistryArgs) -> Result<(Box<dyn Store>, String)> {
-    let r = ImageRef::parse(reference, reg.plain_http)?;
-    let (store, tag) =
-        tessera_oci::open(&r, &client_opts(reg)).with_context(|| format!("opening {reference}"))?;
-    Ok((store, tag.unwrap_or_default()))
-}
-
-/// Open a tessera image (the platform from --platform or this machine's).
-fn open_image(reference: &str, reg: &RegistryArgs) -> Result<(Box<dyn Store>, TesseraImage)> {
-    let (store, tag) = open(reference, reg)?;
-    let platform = reg
-        .platform
-        .clone()
-        .unwrap_or_else(tessera_image::default_platform);
-    let img = TesseraImage::open(store.as_ref(), &tag, &platform)
-        .with_context(|| format!("opening {reference}"))?;
-    Ok((store, img))
-}
-
-fn default_node_store() -> PathBuf {
-    if rustix::process::geteuid().is_root() {
-        return PathBuf::from("/var/lib/tessera/chunks");
-    }
-    default_cache_dir()
-        .map(|d| d.join("chunks"))
-        .unwrap_or_else(|| PathBuf::from("tessera-chunks"))
-}
-
-fn default_cache_dir() -> Option<PathBuf> {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|d| d.join("tessera"))
-}
-
 fn load_dictionary(refs: &[String], reg: &RegistryArgs) -> Result<Dictionary> {
     let mut dict = Dictionary::new();
     for r in refs {
-        let (store, tag) = open(r, reg)?;
+        let (store, tag) = reg.open(r)?;
         let n = dict
             .add_image(store, &tag)
             .with_context(|| format!("loading chunk dictionary from {r}"))?;
@@ -418,12 +358,12 @@ fn run(cli: &Cli) -> Result<i32> {
             json,
             reg,
         } => {
-            let (src_store, src_tag) = open(src, reg)?;
+            let (src_store, src_tag) = reg.open(src)?;
             let dst_ref = ImageRef::parse(dst, reg.plain_http)?;
             if matches!(dst_ref, ImageRef::DockerArchive { .. }) {
                 bail!("docker-archive is only supported as a source: write to a registry or oci:DIR[:TAG]");
             }
-            let (dst_store, dst_tag) = open(dst, reg)?;
+            let (dst_store, dst_tag) = reg.open(dst)?;
             let dst_tag = if dst_tag.is_empty() {
                 "latest".to_string()
             } else {
@@ -445,7 +385,7 @@ fn run(cli: &Cli) -> Result<i32> {
             opts.cache_dir = if *no_cache {
                 None
             } else {
-                cache_dir.clone().or_else(default_cache_dir)
+                cache_dir.clone().or_else(args::default_cache_dir)
             };
             let mut conv = Converter {
                 src: src_store.as_ref(),
@@ -500,7 +440,7 @@ fn run(cli: &Cli) -> Result<i32> {
             json,
             reg,
         } => {
-            let (store, img) = open_image(reference, reg)?;
+            let (store, img) = reg.open_image(reference)?;
             let mp = progress(cli);
             let bar = mp.add(ProgressBar::new(0));
             bar.set_style(
@@ -531,7 +471,7 @@ fn run(cli: &Cli) -> Result<i32> {
             json,
             reg,
         } => {
-            let (_store, img) = open_image(reference, reg)?;
+            let (_store, img) = reg.open_image(reference)?;
             let dict = load_dictionary(dedup_with, reg)?;
             let set: Option<HashSet<tessera_format::Digest>> =
                 (!dedup_with.is_empty()).then(|| dict.chunk_ids().copied().collect());
@@ -619,37 +559,13 @@ fn run(cli: &Cli) -> Result<i32> {
     }
 }
 
-/// Whoever read our stdout is gone: the output has nowhere to go, and that is no error.
-#[derive(Debug)]
-struct StdoutClosed;
-
-impl std::fmt::Display for StdoutClosed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("standard output closed")
-    }
-}
-
-impl std::error::Error for StdoutClosed {}
-
-/// A failed write to stdout: a closed pipe becomes [`StdoutClosed`].
-fn stdout_error(e: std::io::Error) -> anyhow::Error {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        anyhow::Error::new(StdoutClosed)
-    } else {
-        anyhow::Error::new(e).context("writing to standard output")
-    }
-}
-
-/// Exit status of a command whose stdout was closed: what a shell reports for SIGPIPE.
-const EXIT_STDOUT_CLOSED: i32 = 128 + 13;
-
 fn main() {
     let cli = Cli::parse();
     init_logging(&cli);
     match run(&cli) {
         Ok(code) => std::process::exit(code),
-        Err(e) if e.chain().any(|c| c.is::<StdoutClosed>()) => {
-            std::process::exit(EXIT_STDOUT_CLOSED)
+        Err(e) if e.chain().any(|c| c.is::<output::StdoutClosed>()) => {
+            std::process::exit(output::EXIT_STDOUT_CLOSED)
         }
         Err(e) => {
             eprintln!("error: {e:#}");

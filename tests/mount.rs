@@ -1625,3 +1625,84 @@ fn a_registry_that_ignores_range_costs_one_get_per_pack() {
     let total: u64 = packs.iter().map(|p| front.gets(p)).sum();
     assert_eq!(total, packs.len() as u64);
 }
+
+#[test]
+fn the_node_daemon_mounts_writable_images_privately_and_cleans_up() {
+    require_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let r = small_image(work.path());
+    let socket = work.path().join("mountd.sock");
+    let store = work.path().join("store");
+    let mut daemon = tessera()
+        .arg("mountd")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--store")
+        .arg(&store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(daemon.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening on "), "{line:?}");
+    let sock = socket.to_string_lossy().to_string();
+    // A relative mount point and options travel absolute; the mount is nosuid,nodev.
+    std::fs::create_dir_all(work.path().join("w")).unwrap();
+    let got = run_ok(tessera().current_dir(work.path()).args([
+        "mount",
+        "--daemon",
+        &sock,
+        &r,
+        "w",
+        "--writable",
+    ]));
+    assert!(got.starts_with("mounted "), "{got}");
+    let w = work.path().join("w");
+    let (per, _) = mount_options(&w);
+    assert!(has_opt(&per, "nosuid") && has_opt(&per, "nodev"), "{per}");
+    std::fs::write(w.join("scratch"), b"z").unwrap();
+    assert_eq!(std::fs::read(w.join("data/f1")).unwrap(), noise(600_000, 2));
+    assert_eq!(entries(&store.join("overlays")), 1);
+    let (st, _) = cache_json("stats", &store, &[]);
+    assert_eq!(st["mounts"].as_array().unwrap().len(), 1, "{st}");
+    // umount: the mount, its pin and its fresh overlay directory go; the daemon stays.
+    run_ok(tessera().arg("umount").arg(&w));
+    let start = Instant::now();
+    loop {
+        let (st, _) = cache_json("stats", &store, &[]);
+        if st["mounts"].as_array().unwrap().is_empty() && entries(&store.join("overlays")) == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not let go: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(daemon.try_wait().unwrap().is_none(), "daemon exited");
+    // SIGTERM unmounts everything, removes the socket and exits cleanly.
+    let ro = work.path().join("ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    run_ok(tessera().args(["mount", "--daemon", &sock, &r]).arg(&ro));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&daemon),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = daemon.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "daemon did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(&ro) && !socket.exists());
+}

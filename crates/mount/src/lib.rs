@@ -18,10 +18,12 @@
 //!   The kernel allows one mode per inode at a time: while a file is open through the
 //!   daemon, new opens of it go through the daemon too.
 
+pub mod daemon;
 pub mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod profile;
+pub mod session;
 pub mod store;
 
 use fetch::{Failure, Fetcher, Priority};
