@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tessera_mount::daemon;
 use tessera_mount::session::{self, MountSpec, SizeOrAuto};
+use tessera_mount::Access;
 
 use crate::args::{parse_size, parse_size_or_auto, RegistryArgs, StoreArgs};
 
@@ -111,9 +112,11 @@ impl MountOpts {
             threads: self.threads,
             writable: self.writable,
             upper: self.upper.clone(),
-            allow_other: self.allow_other,
-            suid: self.suid,
-            dev: self.dev,
+            access: Access {
+                allow_other: self.allow_other,
+                suid: self.suid,
+                dev: self.dev,
+            },
             fetch_timeout: self.fetch_timeout,
             readahead: self.readahead,
             amplify: self.amplify,

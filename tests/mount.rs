@@ -11,7 +11,7 @@ mod common;
 
 use common::serve::TesseraServe;
 use common::{
-    convert, noise, require_root, run_json, run_ok, tessera, write_image, Layer, TarBuilder,
+    convert, noise, require_root, run_json, run_ok, tessera, write_one_layer, TarBuilder,
 };
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -96,14 +96,7 @@ impl Mounted {
 
     fn umount(&mut self) {
         run_ok(tessera().arg("umount").arg(&self.dir));
-        let start = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "daemon did not exit after umount"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_exit(&mut self.child, "daemon did not exit after umount");
     }
 }
 
@@ -114,6 +107,15 @@ impl Drop for Mounted {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Wait (bounded: 20 s) until `child` exits; `what` says what did not happen.
+fn wait_exit(child: &mut Child, what: &str) {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -754,14 +756,7 @@ fn read_profiles_prefetch_and_several_mounts_in_one_daemon() {
     );
     assert!(std::fs::read(d2.join("etc/hostname")).is_ok() || d2.join("etc").exists());
     run_ok(tessera().arg("umount").arg(&d2));
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "daemon did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_exit(&mut child, "daemon did not exit");
     // Lines `K N PATH`, in the order content was first read.
     let recorded = std::fs::read_to_string(&profile).unwrap();
     let mut paths: Vec<&str> = Vec::new();
@@ -829,6 +824,45 @@ fn read_profiles_prefetch_and_several_mounts_in_one_daemon() {
     assert_eq!(err.raw_os_error(), Some(5), "{err}");
 }
 
+/// A runtime for an HTTP front, its listener on a loopback port, and its address.
+fn front_listener() -> (tokio::runtime::Runtime, tokio::net::TcpListener, String) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    (rt, listener, addr)
+}
+
+/// Forward `req` (its path `path`, the request headers `keep` says yes to) to
+/// `upstream`, and its answer back.
+async fn forward(
+    client: &reqwest::Client,
+    upstream: &str,
+    path: &str,
+    req: axum::http::Request<axum::body::Body>,
+    keep: impl Fn(&str) -> bool,
+) -> axum::http::Response<axum::body::Body> {
+    let mut fwd = client.request(req.method().clone(), format!("http://{upstream}{path}"));
+    for (k, v) in req.headers() {
+        if keep(k.as_str()) {
+            fwd = fwd.header(k.as_str(), v.as_bytes());
+        }
+    }
+    drop(req);
+    let resp = fwd.send().await.unwrap();
+    let mut out = axum::http::Response::builder().status(resp.status().as_u16());
+    for (k, v) in resp.headers() {
+        out = out.header(k.as_str(), v.as_bytes());
+    }
+    out.body(axum::body::Body::from(resp.bytes().await.unwrap()))
+        .unwrap()
+}
+
 /// A bearer-token front for a registry whose tokens expire after `ttl`: requests without
 /// a live token get a 401 challenge pointing at its own `/token` endpoint.
 struct TokenFront {
@@ -844,15 +878,7 @@ impl TokenFront {
         use axum::http::{Request, Response, StatusCode};
         use std::sync::atomic::{AtomicU64, Ordering};
         use std::sync::Arc;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (rt, listener, addr) = front_listener();
         let issued = Arc::new(AtomicU64::new(0));
         let rejected = Arc::new(AtomicU64::new(0));
         let epoch = Instant::now();
@@ -903,23 +929,10 @@ impl TokenFront {
                         .body(Body::empty())
                         .unwrap();
                 }
-                let mut fwd = client.request(req.method().clone(), format!("http://{up}{path}"));
-                for h in ["range", "accept"] {
-                    if let Some(v) = req.headers().get(h) {
-                        fwd = fwd.header(h, v.as_bytes());
-                    }
-                }
-                let resp = fwd.send().await.unwrap();
-                let mut out = Response::builder().status(resp.status().as_u16());
-                for (k, v) in resp.headers() {
-                    out = out.header(k.as_str(), v.as_bytes());
-                }
-                out.body(Body::from(resp.bytes().await.unwrap())).unwrap()
+                forward(&client, &up, &path, req, |h| h == "range" || h == "accept").await
             }
         });
-        rt.spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
         TokenFront {
             addr,
             tokens_issued: issued,
@@ -1188,20 +1201,14 @@ fn stored_profiles_are_found_by_later_mounts_on_any_registry() {
     }
 }
 
-#[test]
-fn a_node_daemon_serves_mounts_asked_over_its_socket() {
-    require_fuse();
-    let work = tempfile::tempdir().unwrap();
-    let s = TesseraServe::start();
-    let (ra, rb, unpacked) = base_and_python(&s, "d", work.path());
-    let socket = work.path().join("mountd.sock");
-    let store = work.path().join("store");
+/// A `tessera mountd` on `socket` over `store`, once it listens.
+fn start_mountd(socket: &Path, store: &Path) -> Child {
     let mut daemon = tessera()
         .arg("mountd")
         .arg("--socket")
-        .arg(&socket)
+        .arg(socket)
         .arg("--store")
-        .arg(&store)
+        .arg(store)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1210,6 +1217,39 @@ fn a_node_daemon_serves_mounts_asked_over_its_socket() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert!(line.starts_with("listening on "), "{line:?}");
+    daemon
+}
+
+/// SIGTERM a mount daemon; it must exit cleanly, in time.
+fn stop_mountd(daemon: &mut Child) {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(daemon),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = daemon.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "daemon did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_node_daemon_serves_mounts_asked_over_its_socket() {
+    require_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let s = TesseraServe::start();
+    let (ra, rb, unpacked) = base_and_python(&s, "d", work.path());
+    let socket = work.path().join("mountd.sock");
+    let store = work.path().join("store");
+    let mut daemon = start_mountd(&socket, &store);
     // A second daemon on the same socket refuses to start.
     let second = tessera()
         .arg("mountd")
@@ -1294,23 +1334,7 @@ fn a_node_daemon_serves_mounts_asked_over_its_socket() {
     assert!(daemon.try_wait().unwrap().is_none(), "daemon exited");
 
     // SIGTERM unmounts everything, removes the socket and exits cleanly.
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&daemon),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = daemon.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "daemon did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "{status}");
+    stop_mountd(&mut daemon);
     assert!(!is_mounted(&db) && !is_mounted(&da));
     assert!(!socket.exists());
     let (st, _) = cache_json("stats", &store, &[]);
@@ -1335,15 +1359,7 @@ fn small_source(work: &Path) -> String {
         );
     }
     let src = work.join("src");
-    write_image(
-        &src,
-        "t",
-        &[Layer {
-            tar: t.finish(),
-            compression: "gzip",
-        }],
-        |_| {},
-    );
+    write_one_layer(&src, "t", t.finish(), "gzip");
     format!("oci:{}:t", src.display())
 }
 
@@ -1438,14 +1454,7 @@ fn default_overlay_directories_are_unique_and_removed_and_relative_uppers_unmoun
     for d in [&a, &b] {
         run_ok(tessera().arg("umount").arg(d));
     }
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "mount did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_exit(&mut child, "mount did not exit");
     assert_eq!(entries(&overlays), 0, "overlay directories left behind");
 
     // A relative --upper: umount takes down the overlay and the image under it, the
@@ -1523,17 +1532,9 @@ struct NoRangeFront {
 impl NoRangeFront {
     fn start(upstream: &str) -> NoRangeFront {
         use axum::body::Body;
-        use axum::http::{Method, Request, Response};
+        use axum::http::{Method, Request};
         use std::sync::{Arc, Mutex};
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (rt, listener, addr) = front_listener();
         let gets: Arc<Mutex<std::collections::HashMap<String, u64>>> = Arc::default();
         let (up, g) = (upstream.to_string(), gets.clone());
         let client = reqwest::Client::new();
@@ -1551,23 +1552,10 @@ impl NoRangeFront {
                     }
                 }
                 // Everything but Range goes through.
-                let mut fwd = client.request(req.method().clone(), format!("http://{up}{path}"));
-                for (k, v) in req.headers() {
-                    if k != "range" && k != "host" {
-                        fwd = fwd.header(k.as_str(), v.as_bytes());
-                    }
-                }
-                let resp = fwd.send().await.unwrap();
-                let mut out = Response::builder().status(resp.status().as_u16());
-                for (k, v) in resp.headers() {
-                    out = out.header(k.as_str(), v.as_bytes());
-                }
-                out.body(Body::from(resp.bytes().await.unwrap())).unwrap()
+                forward(&client, &up, &path, req, |h| h != "range" && h != "host").await
             }
         });
-        rt.spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
         NoRangeFront {
             addr,
             gets,
@@ -1633,21 +1621,7 @@ fn the_node_daemon_mounts_writable_images_privately_and_cleans_up() {
     let r = small_image(work.path());
     let socket = work.path().join("mountd.sock");
     let store = work.path().join("store");
-    let mut daemon = tessera()
-        .arg("mountd")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--store")
-        .arg(&store)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(daemon.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("listening on "), "{line:?}");
+    let mut daemon = start_mountd(&socket, &store);
     let sock = socket.to_string_lossy().to_string();
     // A relative mount point and options travel absolute; the mount is nosuid,nodev.
     std::fs::create_dir_all(work.path().join("w")).unwrap();
@@ -1687,22 +1661,6 @@ fn the_node_daemon_mounts_writable_images_privately_and_cleans_up() {
     let ro = work.path().join("ro");
     std::fs::create_dir_all(&ro).unwrap();
     run_ok(tessera().args(["mount", "--daemon", &sock, &r]).arg(&ro));
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&daemon),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = daemon.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "daemon did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "{status}");
+    stop_mountd(&mut daemon);
     assert!(!is_mounted(&ro) && !socket.exists());
 }

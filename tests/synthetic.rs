@@ -638,15 +638,7 @@ fn absolute_member_names_are_relative_to_the_root() {
     let mut t = TarBuilder::new();
     t.raw_file(b"/etc/shadow", b"root:*:19000::::::\n")
         .raw_file(b"/opt/app", b"app");
-    write_image(
-        &src,
-        "absolute",
-        &[Layer {
-            tar: t.finish(),
-            compression: "none",
-        }],
-        |_| {},
-    );
+    write_one_layer(&src, "absolute", t.finish(), "none");
     let dst = format!("oci:{}:out", w.path().join("dst").display());
     convert(&format!("oci:{}:absolute", src.display()), &dst, &[]);
     let root = w.path().join("rootfs");
@@ -672,15 +664,7 @@ fn convert_removes_only_the_staging_directories_it_created() {
     let src = w.path().join("src");
     let mut t = TarBuilder::new();
     t.file(b"a", 0o644, &noise(50_000, 9));
-    write_image(
-        &src,
-        "t",
-        &[Layer {
-            tar: t.finish(),
-            compression: "gzip",
-        }],
-        |_| {},
-    );
+    write_one_layer(&src, "t", t.finish(), "gzip");
     // The system temp dir (here an empty one of the test's) is staged in, never removed.
     let tmp = w.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();

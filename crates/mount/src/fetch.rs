@@ -900,29 +900,11 @@ impl Fetcher {
                     for &c in run {
                         let loc = &chunks[c as usize];
                         let s = (loc.offset - first.offset) as usize;
-                        let outcome = buf
-                            .get(s..s + loc.stored_len as usize)
-                            .ok_or_else(|| "short range".to_string())
-                            .and_then(|b| {
-                                decode_chunk(b, &self.image.toc_entry(loc))
-                                    .map_err(|e| e.to_string())
-                            });
-                        let outcome = match outcome {
-                            Ok(data) => {
-                                self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                                let d: Arc<[u8]> = data.into();
-                                self.persist(c, &d);
-                                self.remember(c, &d);
-                                Ok(d)
-                            }
-                            Err(e) => {
-                                self.stats
-                                    .verification_failures
-                                    .fetch_add(1, Ordering::Relaxed);
-                                tracing::error!(chunk = %loc.id, error = %e, "chunk failed verification; not cached, reads of it fail with EIO");
-                                Err(Failure::Corrupt(e))
-                            }
-                        };
+                        let outcome = self.decode(loc, buf.get(s..s + loc.stored_len as usize));
+                        if let Ok(d) = &outcome {
+                            self.persist(c, d);
+                            self.remember(c, d);
+                        }
                         self.land(c, outcome.clone());
                         out.push((c, outcome));
                     }
@@ -940,6 +922,27 @@ impl Fetcher {
             i = j;
         }
         out
+    }
+
+    /// A fetched chunk from its stored bytes (None: not in what the registry sent),
+    /// decoded and verified; counted, and a failure logged (it is never cached).
+    fn decode(&self, loc: &tessera_format::index::ChunkLoc, stored: Option<&[u8]>) -> Outcome {
+        let decoded = stored
+            .ok_or_else(|| "short range".to_string())
+            .and_then(|b| decode_chunk(b, &self.image.toc_entry(loc)).map_err(|e| e.to_string()));
+        match decoded {
+            Ok(data) => {
+                self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                Ok(data.into())
+            }
+            Err(e) => {
+                self.stats
+                    .verification_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(chunk = %loc.id, error = %e, "chunk failed verification; not cached, reads of it fail with EIO");
+                Err(Failure::Corrupt(e))
+            }
+        }
     }
 
     /// Retry `op` with exponential backoff while it fails with a retriable error, until
@@ -1091,26 +1094,15 @@ impl Fetcher {
             buf.resize(loc.stored_len as usize, 0);
             std::io::Read::read_exact(&mut r, &mut buf).map_err(io)?;
             pos = loc.offset + loc.stored_len as u64;
-            let outcome = match decode_chunk(&buf, &self.image.toc_entry(loc)) {
-                Ok(data) => {
-                    self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                    let d: Arc<[u8]> = data.into();
-                    batch_bytes += d.len();
-                    batch.push((loc.id, d.clone()));
-                    if batch_bytes >= WHOLE_PACK_BATCH {
-                        flush(&mut batch);
-                        batch_bytes = 0;
-                    }
-                    Ok(d)
+            let outcome = self.decode(loc, Some(&buf));
+            if let Ok(d) = &outcome {
+                batch_bytes += d.len();
+                batch.push((loc.id, d.clone()));
+                if batch_bytes >= WHOLE_PACK_BATCH {
+                    flush(&mut batch);
+                    batch_bytes = 0;
                 }
-                Err(e) => {
-                    self.stats
-                        .verification_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(chunk = %loc.id, error = %e, "chunk failed verification; not cached, reads of it fail with EIO");
-                    Err(Failure::Corrupt(e.to_string()))
-                }
-            };
+            }
             if wanted.contains(&c) {
                 if let Ok(d) = &outcome {
                     self.remember(c, d);

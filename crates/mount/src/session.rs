@@ -113,12 +113,8 @@ pub struct MountSpec {
     /// unmount (None: a fresh one under the node store, removed on unmount).
     pub upper: Option<PathBuf>,
     /// Who may use the mount, and whether setuid bits and device nodes count.
-    #[serde(default)]
-    pub allow_other: bool,
-    #[serde(default)]
-    pub suid: bool,
-    #[serde(default)]
-    pub dev: bool,
+    #[serde(flatten)]
+    pub access: Access,
     /// Seconds a read waits for the registry (retrying) before EIO.
     pub fetch_timeout: u64,
     pub readahead: u64,
@@ -141,9 +137,7 @@ impl Default for MountSpec {
             threads: 4,
             writable: false,
             upper: None,
-            allow_other: false,
-            suid: false,
-            dev: false,
+            access: Access::default(),
             fetch_timeout: 30,
             readahead: 4 << 20,
             amplify: 128 << 10,
@@ -183,14 +177,6 @@ impl MountSpec {
             }
         }
         self
-    }
-
-    fn access(&self) -> Access {
-        Access {
-            allow_other: self.allow_other,
-            suid: self.suid,
-            dev: self.dev,
-        }
     }
 }
 
@@ -384,7 +370,7 @@ pub fn start(
             return Err(SessionError::Pin(e));
         }
     };
-    let access = o.access();
+    let access = o.access;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let (d2, threads) = (dir.to_path_buf(), o.threads);
     let spawned = std::thread::Builder::new()

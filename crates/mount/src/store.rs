@@ -1478,6 +1478,18 @@ mod tests {
         assert!(s.state.counters.evicted_chunks.load(Ordering::Relaxed) > 0);
     }
 
+    /// A store at `local` with the shared tier `shared`.
+    fn with_shared_tier(local: &Path, shared: &Path) -> NodeStore {
+        NodeStore::open_with(
+            local,
+            StoreOptions {
+                quota: None,
+                shared: Some(shared.to_path_buf()),
+            },
+        )
+        .unwrap()
+    }
+
     #[test]
     fn shared_tier_is_read_verified_and_never_modified() {
         let shared = tempfile::tempdir().unwrap();
@@ -1486,14 +1498,7 @@ mod tests {
         let good = put(&seed, b"shared chunk");
         let bad = put(&seed, b"will be corrupted");
         std::fs::write(seed.path(&bad), b"rot").unwrap();
-        let s = NodeStore::open_with(
-            local.path(),
-            StoreOptions {
-                quota: None,
-                shared: Some(shared.path().to_path_buf()),
-            },
-        )
-        .unwrap();
+        let s = with_shared_tier(local.path(), shared.path());
         assert_eq!(s.get(&good).unwrap(), b"shared chunk");
         assert!(s.get(&bad).is_none());
         assert!(seed.path(&bad).exists(), "shared tier modified");
@@ -1800,14 +1805,7 @@ mod tests {
     fn shared_tier_reads_are_bounded() {
         let shared = tempfile::tempdir().unwrap();
         let local = tempfile::tempdir().unwrap();
-        let s = NodeStore::open_with(
-            local.path(),
-            StoreOptions {
-                quota: None,
-                shared: Some(shared.path().to_path_buf()),
-            },
-        )
-        .unwrap();
+        let s = with_shared_tier(local.path(), shared.path());
         // An oversize file: refused from its size, never read.
         let big = Digest::of(b"big");
         let p = NodeStore::path_in(shared.path(), &big);
