@@ -996,6 +996,13 @@ impl NodeStore {
             let _ = fs::remove_file(base.with_extension("json"));
             r.stale_pins_removed += 1;
         }
+        // Pins and publications a process died writing (`*.part`).
+        for e in fs::read_dir(self.dir.join("mounts"))?.flatten() {
+            let part = e.path().extension().and_then(|x| x.to_str()) == Some("part");
+            if part && old_enough(&e) && fs::remove_file(e.path()).is_ok() {
+                r.temp_files_removed += 1;
+            }
+        }
         for e in fs::read_dir(self.dir.join("tmp"))?.flatten() {
             if old_enough(&e) && fs::remove_file(e.path()).is_ok() {
                 r.temp_files_removed += 1;
