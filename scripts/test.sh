@@ -30,7 +30,7 @@ step "system packages"
 need=()
 for t in umoci:umoci skopeo:skopeo docker-registry:docker-registry debootstrap:debootstrap jq:jq zstd:zstd tar:tar openssl:openssl \
          podman:podman buildah:buildah containerd:containerd ctr:containerd runc:runc htpasswd:apache2-utils \
-         ip:iproute2 tc:iproute2; do
+         ip:iproute2 tc:iproute2 dockerd:docker.io; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

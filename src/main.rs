@@ -1,5 +1,9 @@
 //! `tessera`: the command-line front end. Thin glue over the library crates.
 
+#[macro_use]
+mod output;
+
+mod args;
 mod mount_cmd;
 mod mountd;
 
@@ -10,9 +14,9 @@ use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use tessera_convert::{Converter, Dictionary, Options as ConvertOptions};
-use tessera_image::TesseraImage;
-use tessera_oci::registry::ClientOptions;
-use tessera_oci::{ImageRef, Store};
+use tessera_oci::ImageRef;
+
+use args::RegistryArgs;
 
 const REFS_HELP: &str = "Image references:
   HOST[:PORT]/REPO[:TAG|@DIGEST]   a registry (plain HTTP for loopback hosts or with --plain-http)
@@ -39,19 +43,6 @@ struct Cli {
 enum LogFormat {
     Text,
     Json,
-}
-
-#[derive(clap::Args, Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct RegistryArgs {
-    /// Use plain HTTP for registries that are not on loopback.
-    #[arg(long)]
-    plain_http: bool,
-    /// Registry credentials USER:PASSWORD (default: ~/.docker/config.json).
-    #[arg(long, value_name = "USER:PASSWORD")]
-    creds: Option<String>,
-    /// Platform to pick from a multi-platform image (os/arch).
-    #[arg(long)]
-    platform: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -355,52 +346,10 @@ fn progress(cli: &Cli) -> MultiProgress {
     }
 }
 
-fn client_opts(reg: &RegistryArgs) -> ClientOptions {
-    ClientOptions {
-        creds: reg.creds.clone(),
-        ..ClientOptions::default()
-    }
-}
-
-fn open(reference: &str, reg: &RegistryArgs) -> Result<(Box<dyn Store>, String)> {
-    let r = ImageRef::parse(reference, reg.plain_http)?;
-    let (store, tag) =
-        tessera_oci::open(&r, &client_opts(reg)).with_context(|| format!("opening {reference}"))?;
-    Ok((store, tag.unwrap_or_default()))
-}
-
-/// Open a tessera image (the platform from --platform or this machine's).
-fn open_image(reference: &str, reg: &RegistryArgs) -> Result<(Box<dyn Store>, TesseraImage)> {
-    let (store, tag) = open(reference, reg)?;
-    let platform = reg
-        .platform
-        .clone()
-        .unwrap_or_else(tessera_image::default_platform);
-    let img = TesseraImage::open(store.as_ref(), &tag, &platform)
-        .with_context(|| format!("opening {reference}"))?;
-    Ok((store, img))
-}
-
-fn default_node_store() -> PathBuf {
-    if rustix::process::geteuid().is_root() {
-        return PathBuf::from("/var/lib/tessera/chunks");
-    }
-    default_cache_dir()
-        .map(|d| d.join("chunks"))
-        .unwrap_or_else(|| PathBuf::from("tessera-chunks"))
-}
-
-fn default_cache_dir() -> Option<PathBuf> {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|d| d.join("tessera"))
-}
-
 fn load_dictionary(refs: &[String], reg: &RegistryArgs) -> Result<Dictionary> {
     let mut dict = Dictionary::new();
     for r in refs {
-        let (store, tag) = open(r, reg)?;
+        let (store, tag) = reg.open(r)?;
         let n = dict
             .add_image(store, &tag)
             .with_context(|| format!("loading chunk dictionary from {r}"))?;
@@ -433,12 +382,12 @@ fn run(cli: &Cli) -> Result<i32> {
             json,
             reg,
         } => {
-            let (src_store, src_tag) = open(src, reg)?;
+            let (src_store, src_tag) = reg.open(src)?;
             let dst_ref = ImageRef::parse(dst, reg.plain_http)?;
             if matches!(dst_ref, ImageRef::DockerArchive { .. }) {
                 bail!("docker-archive is only supported as a source: write to a registry or oci:DIR[:TAG]");
             }
-            let (dst_store, dst_tag) = open(dst, reg)?;
+            let (dst_store, dst_tag) = reg.open(dst)?;
             let dst_tag = if dst_tag.is_empty() {
                 "latest".to_string()
             } else {
@@ -460,7 +409,7 @@ fn run(cli: &Cli) -> Result<i32> {
             opts.cache_dir = if *no_cache {
                 None
             } else {
-                cache_dir.clone().or_else(default_cache_dir)
+                cache_dir.clone().or_else(args::default_cache_dir)
             };
             let mut conv = Converter {
                 src: src_store.as_ref(),
@@ -473,7 +422,7 @@ fn run(cli: &Cli) -> Result<i32> {
                 .convert(&src_tag, Some(&dst_tag))
                 .with_context(|| format!("converting {src} to {dst}"))?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 for i in &report.images {
                     let plat = i
@@ -505,7 +454,7 @@ fn run(cli: &Cli) -> Result<i32> {
                         i.tar_bytes as f64 / 1e6 / i.seconds.max(1e-9)
                     );
                 }
-                println!("{dst} {}", report.digest);
+                outln!("{dst} {}", report.digest);
             }
             Ok(0)
         }
@@ -515,7 +464,7 @@ fn run(cli: &Cli) -> Result<i32> {
             json,
             reg,
         } => {
-            let (store, img) = open_image(reference, reg)?;
+            let (store, img) = reg.open_image(reference)?;
             let mp = progress(cli);
             let bar = mp.add(ProgressBar::new(0));
             bar.set_style(
@@ -528,7 +477,7 @@ fn run(cli: &Cli) -> Result<i32> {
                 .with_context(|| format!("unpacking {reference} into {}", dir.display()))?;
             bar.finish_and_clear();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&rep)?);
+                outln!("{}", serde_json::to_string_pretty(&rep)?);
             } else {
                 eprintln!(
                     "unpacked {} entries ({} files, {}) into {}",
@@ -546,44 +495,54 @@ fn run(cli: &Cli) -> Result<i32> {
             json,
             reg,
         } => {
-            let (_store, img) = open_image(reference, reg)?;
+            let (_store, img) = reg.open_image(reference)?;
             let dict = load_dictionary(dedup_with, reg)?;
             let set: Option<HashSet<tessera_format::Digest>> =
                 (!dedup_with.is_empty()).then(|| dict.chunk_ids().copied().collect());
             let s = tessera_image::inspect::summarize(&img, set.as_ref());
             if *json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("manifest      {}", s.manifest);
-                println!("subject       {}", s.subject.as_deref().unwrap_or("-"));
-                println!(
+                outln!("manifest      {}", s.manifest);
+                outln!("subject       {}", s.subject.as_deref().unwrap_or("-"));
+                outln!(
                     "index         {} ({} bytes, {:.1} bytes/entry)",
-                    s.index_digest, s.index_bytes, s.index_bytes_per_entry
+                    s.index_digest,
+                    s.index_bytes,
+                    s.index_bytes_per_entry
                 );
-                println!(
+                outln!(
                     "entries       {} ({} dirs, {} files, {} symlinks, {} hardlinks, {} other)",
-                    s.entries, s.directories, s.files, s.symlinks, s.hardlinks, s.other
+                    s.entries,
+                    s.directories,
+                    s.files,
+                    s.symlinks,
+                    s.hardlinks,
+                    s.other
                 );
-                println!("file bytes    {}", mb(s.file_bytes));
-                println!(
+                outln!("file bytes    {}", mb(s.file_bytes));
+                outln!(
                     "chunks        {} distinct of {} references",
-                    s.chunks, s.chunk_refs
+                    s.chunks,
+                    s.chunk_refs
                 );
-                println!(
+                outln!(
                     "unique bytes  {} ({} stored, ratio {:.2})",
                     mb(s.unique_bytes),
                     mb(s.stored_bytes),
                     s.unique_bytes as f64 / s.stored_bytes.max(1) as f64
                 );
-                println!("packs         {}", s.packs.len());
+                outln!("packs         {}", s.packs.len());
                 for p in &s.packs {
-                    println!(
+                    outln!(
                         "  {} {:>10} bytes, {} chunks used",
-                        p.digest, p.size, p.chunks_used
+                        p.digest,
+                        p.size,
+                        p.chunks_used
                     );
                 }
                 if let Some(d) = &s.dictionary {
-                    println!(
+                    outln!(
                         "dictionary    {} chunks ({}) shared, {} chunks ({}) new",
                         d.shared_chunks,
                         mb(d.shared_bytes),
@@ -608,10 +567,10 @@ fn run(cli: &Cli) -> Result<i32> {
             let diffs = tessera_treediff::compare(left, right, &opts)
                 .with_context(|| format!("comparing {} and {}", left.display(), right.display()))?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&diffs)?);
+                outln!("{}", serde_json::to_string_pretty(&diffs)?);
             } else {
                 for d in &diffs {
-                    println!("{d}");
+                    outln!("{d}");
                 }
                 if diffs.is_empty() {
                     eprintln!("trees are identical");
@@ -629,6 +588,9 @@ fn main() {
     init_logging(&cli);
     match run(&cli) {
         Ok(code) => std::process::exit(code),
+        Err(e) if e.chain().any(|c| c.is::<output::StdoutClosed>()) => {
+            std::process::exit(output::EXIT_STDOUT_CLOSED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::exit(2);

@@ -7,12 +7,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
-use tessera_mount::fetch::{FetchOptions, Fetcher};
-use tessera_mount::store::{MountInfo, NodeStore, StoreOptions};
-use tessera_mount::{ImageFs, Writable};
+use tessera_mount::daemon;
+use tessera_mount::session::{self, MountSpec, SizeOrAuto};
+use tessera_mount::Access;
 
-use crate::RegistryArgs;
+use crate::args::{parse_size, parse_size_or_auto, RegistryArgs, StoreArgs};
 
 #[derive(Args)]
 pub struct MountArgs {
@@ -26,12 +25,12 @@ pub struct MountArgs {
     /// Hand the mounts to the node's mount daemon (`tessera mountd`) on SOCKET instead of
     /// serving them from this process; returns once they are mounted. The daemon's own
     /// node store is used (--store and friends are the daemon's to set).
-    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = crate::mountd::DEFAULT_SOCKET)]
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = daemon::DEFAULT_SOCKET)]
     daemon: Option<PathBuf>,
 }
 
-/// How one image is mounted (also what `tessera mount --daemon` sends the daemon).
-#[derive(Args, Clone, Debug, serde::Serialize, serde::Deserialize)]
+/// How one image is mounted (the command line of a [`MountSpec`]).
+#[derive(Args, Clone, Debug)]
 pub struct MountOpts {
     /// Threads serving FUSE requests (per mount).
     #[arg(long, default_value_t = 4)]
@@ -40,10 +39,21 @@ pub struct MountOpts {
     #[arg(long)]
     writable: bool,
     /// With --writable: directory holding upper/, work/ and lower/ (kept after unmount,
-    /// so a later mount can reuse the changes) [default: a fresh one under
-    /// /var/lib/tessera/overlays].
+    /// so a later mount can reuse the changes) [default: a fresh one under the node
+    /// store's overlays/, removed with its changes on unmount].
     #[arg(long, value_name = "DIR", requires = "writable")]
     upper: Option<PathBuf>,
+    /// Let every user reach the mount (FUSE allow_other), as a container runtime whose
+    /// processes run as other users needs; by default only the mounting user can.
+    #[arg(long)]
+    allow_other: bool,
+    /// Honour setuid/setgid bits of the image's files (default: nosuid; only for images
+    /// you trust, e.g. a container runtime that needs them).
+    #[arg(long)]
+    suid: bool,
+    /// Honour device nodes of the image (default: nodev; only for images you trust).
+    #[arg(long)]
+    dev: bool,
     /// How long a read waits for the registry (retrying with backoff) before EIO.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     fetch_timeout: u64,
@@ -97,64 +107,30 @@ pub struct MountOpts {
 }
 
 impl MountOpts {
-    /// With --writable and no --upper, a fresh overlay directory named `name`.
-    pub fn default_upper(&mut self, name: &str) {
-        if self.writable && self.upper.is_none() {
-            self.upper = Some(PathBuf::from("/var/lib/tessera/overlays").join(name));
-        }
-    }
-
-    /// Thread counts kept sane (they come from a client of the daemon).
-    pub fn clamp(&mut self) {
-        self.threads = self.threads.clamp(1, 64);
-        self.fetch_workers = self.fetch_workers.min(64);
-    }
-
-    /// Paths made absolute against `cwd` (for a daemon that runs elsewhere).
-    pub fn absolute(mut self, cwd: &Path) -> MountOpts {
-        for p in [
-            &mut self.upper,
-            &mut self.prefetch_profile,
-            &mut self.record_profile,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if p.is_relative() {
-                *p = cwd.join(&*p);
-            }
-        }
-        self
-    }
-}
-
-#[derive(Args)]
-pub struct StoreArgs {
-    /// Node store: verified chunks shared by every mount [default: /var/lib/tessera/chunks
-    /// as root, else $XDG_CACHE_HOME/tessera/chunks].
-    #[arg(long, value_name = "DIR")]
-    store: Option<PathBuf>,
-    /// Keep the node store under SIZE (e.g. 20G), evicting least recently used chunks
-    /// that no mounted image uses.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    quota: Option<u64>,
-    /// A read-only directory with the node store's layout (e.g. on NFS), consulted
-    /// before the network.
-    #[arg(long, value_name = "DIR")]
-    shared_store: Option<PathBuf>,
-}
-
-impl StoreArgs {
-    pub fn open(&self) -> Result<NodeStore> {
-        let dir = self.store.clone().unwrap_or_else(crate::default_node_store);
-        NodeStore::open_with(
-            &dir,
-            StoreOptions {
-                quota: self.quota,
-                shared: self.shared_store.clone(),
+    pub fn spec(&self) -> MountSpec {
+        MountSpec {
+            threads: self.threads,
+            writable: self.writable,
+            upper: self.upper.clone(),
+            access: Access {
+                allow_other: self.allow_other,
+                suid: self.suid,
+                dev: self.dev,
             },
-        )
-        .with_context(|| format!("opening the node store {}", dir.display()))
+            fetch_timeout: self.fetch_timeout,
+            readahead: self.readahead,
+            amplify: self.amplify,
+            kernel_readahead: self.kernel_readahead,
+            fetch_workers: self.fetch_workers,
+            passthrough_min: self.passthrough_min,
+            no_passthrough: self.no_passthrough,
+            prefetch: self.prefetch,
+            prefetch_profile: self.prefetch_profile.clone(),
+            record_profile: self.record_profile.clone(),
+            no_profile: self.no_profile,
+            profile_workload: self.profile_workload.clone(),
+            reg: self.reg.options(),
+        }
     }
 }
 
@@ -219,7 +195,7 @@ pub fn profile(cmd: &ProfileCmd) -> Result<i32> {
         } => {
             let text =
                 std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-            let (store, img) = crate::open_image(reference, reg)?;
+            let (store, img) = reg.open_image(reference)?;
             let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
             let d = tessera_mount::profile::push(
                 store.as_ref(),
@@ -229,21 +205,23 @@ pub fn profile(cmd: &ProfileCmd) -> Result<i32> {
                 &created.to_string(),
             )
             .with_context(|| format!("storing the profile beside {reference}"))?;
-            println!("{d}");
+            outln!("{d}");
         }
         ProfileCmd::Show {
             reference,
             workload,
             reg,
         } => {
-            let (store, img) = crate::open_image(reference, reg)?;
+            let (store, img) = reg.open_image(reference)?;
             let subject = img.manifest_desc.sha256()?;
             match tessera_mount::profile::fetch_latest(store.as_ref(), &subject, workload.as_deref())
                 .with_context(|| format!("looking up profiles of {reference}"))?
             {
                 Some((digest, text)) => {
                     eprintln!("profile {digest}");
-                    std::io::stdout().write_all(&text)?;
+                    std::io::stdout()
+                        .write_all(&text)
+                        .map_err(crate::output::stdout_error)?;
                 }
                 None => bail!(
                     "no read profile is stored with {reference}{} (record one with tessera mount --record-profile, store it with tessera profile push)",
@@ -255,347 +233,35 @@ pub fn profile(cmd: &ProfileCmd) -> Result<i32> {
     Ok(0)
 }
 
-/// A size, or `auto`: chosen by the mount.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum SizeOrAuto {
-    Auto,
-    Size(u64),
-}
-
-pub fn parse_size_or_auto(s: &str) -> Result<SizeOrAuto, String> {
-    if s.trim().eq_ignore_ascii_case("auto") {
-        return Ok(SizeOrAuto::Auto);
-    }
-    parse_size(s).map(SizeOrAuto::Size)
-}
-
-/// `20G`, `512M`, `64K`, `1000` (binary multiples).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let m = match s[i..].to_ascii_uppercase().trim_end_matches(['B', 'I']) {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1u64 << 40,
-                other => return Err(format!("unknown size unit {other:?} (use K, M, G or T)")),
-            };
-            (&s[..i], m)
-        }
-        None => (s, 1),
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 20G)"))?;
-    if !(0.0..1.8e19).contains(&n) {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok((n * mult as f64) as u64)
-}
-
-/// One image being served.
-pub struct Job {
-    pub reference: String,
-    pub dir: PathBuf,
-    fetcher: Arc<Fetcher>,
-    pin: PathBuf,
-    info: MountInfo,
-    /// Set (under the lock) when the pin goes: the counters are not published again.
-    finished: std::sync::Mutex<bool>,
-}
-
-/// The thread serving a mount's FUSE session; it ends when the mount is unmounted.
-pub type Session = std::thread::JoinHandle<Result<(), tessera_mount::MountError>>;
-
-impl Job {
-    /// Publish the mount's counters beside its pin.
-    pub fn publish(&self, store: &NodeStore) {
-        let finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
-        if *finished {
-            return;
-        }
-        let mut info = self.info.clone();
-        info.counters = self.fetcher.counters_json();
-        let _ = store.publish(&self.pin, &info);
-    }
-
-    /// Wait until the mount is unmounted, then let go of it: pending chunks and seals
-    /// are written, the pin is dropped.
-    pub fn wait(&self, session: Session, store: &NodeStore) -> Result<()> {
-        let r = match session.join() {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::anyhow!("{}: {e}", self.reference)),
-            Err(_) => Err(anyhow::anyhow!(
-                "{}: the mount thread panicked",
-                self.reference
-            )),
-        };
-        self.finish(store);
-        r
-    }
-
-    fn finish(&self, store: &NodeStore) {
-        self.fetcher.close();
-        *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        tracing::info!(image = %self.reference, dir = %self.dir.display(), counters = %self.fetcher.counters_json(), "unmounted");
-        store.unpin(&self.pin);
-    }
-}
-
-/// Mount `reference` on `dir` with `o` over `store`, serving it from a thread of this
-/// process; returns once the mount is in place. `n` numbers the mounts of this process
-/// (for default overlay directories and the profiles of second and later mounts).
-pub fn start(
-    reference: &str,
-    dir: &Path,
-    n: usize,
-    o: &MountOpts,
-    store: &Arc<NodeStore>,
-) -> Result<(Arc<Job>, Session)> {
-    let mut fetch = FetchOptions {
-        max_wait: Duration::from_secs(o.fetch_timeout),
-        readahead: o.readahead,
-        workers: o.fetch_workers,
-        amplify: o.amplify,
-        ..FetchOptions::default()
-    };
-    let profile = match &o.prefetch_profile {
-        Some(p) => {
-            std::fs::read(p).with_context(|| format!("reading the profile {}", p.display()))?
-        }
-        None => Vec::new(),
-    };
-    let (source, img) = crate::open_image(reference, &o.reg)?;
-    // The index download is the mount's bandwidth sample (see FetchOptions).
-    let rate = img.index_desc.size as f64 / img.index_fetch.as_secs_f64().max(1e-6);
-    tracing::info!(image = %reference, index_bytes = img.index_desc.size, bytes_per_s = rate as u64, "index fetched");
-    let img = Arc::new(img);
-    if img.index_desc.size >= 64 << 10 {
-        fetch.link_rate = Some(rate);
-    }
-    let fast_link = fetch.link_rate.is_some_and(|r| r >= fetch.amplify_min_rate);
-    let fetcher = Fetcher::start(img.clone(), source, store.clone(), fetch);
-    // Until the mount is up, an error stops the fetcher's threads (a daemon lives on).
-    let guard = CloseOnError(Some(fetcher.clone()));
-    let mut fs = ImageFs::new(fetcher.clone(), img.clone(), o.readahead);
-    let kernel_readahead = match o.kernel_readahead {
-        SizeOrAuto::Size(n) => n,
-        SizeOrAuto::Auto if fast_link => 128 << 10,
-        SizeOrAuto::Auto => 16 << 10,
-    };
-    fs.set_kernel_readahead(kernel_readahead.min(u32::MAX as u64) as u32);
-    fs.set_passthrough((!o.no_passthrough).then_some(o.passthrough_min));
-    if let Some(p) = &o.record_profile {
-        // One profile per mount: the second image's goes to FILE.1, and so on.
-        let p = if n == 0 {
-            p.clone()
-        } else {
-            p.with_extension(format!("{n}"))
-        };
-        fs.record_profile(&p)?;
-    }
-    if !profile.is_empty() {
-        let queued = fs.prefetch(&profile, o.prefetch);
-        tracing::info!(image = %reference, chunks = queued, "prefetch queued");
-    } else if o.no_profile || o.prefetch_profile.is_some() {
-        if o.prefetch {
-            let queued = fs.prefetch(&[], true);
-            tracing::info!(image = %reference, chunks = queued, "prefetch queued");
-        }
-    } else {
-        // Look for a stored profile while the mount comes up: mounting does not wait.
-        let pf = fs.prefetcher();
-        let (r, reg) = (reference.to_string(), o.reg.clone());
-        let subject = img.manifest_desc.sha256()?;
-        let (whole, workload) = (o.prefetch, o.profile_workload.clone());
-        std::thread::Builder::new()
-            .name("tessera-profile".into())
-            .spawn(move || {
-                let found = crate::open(&r, &reg)
-                    .map_err(|e| format!("{e:#}"))
-                    .and_then(|(store, _)| {
-                        tessera_mount::profile::fetch_latest(
-                            store.as_ref(),
-                            &subject,
-                            workload.as_deref(),
-                        )
-                        .map_err(|e| e.to_string())
-                    });
-                let text = match found {
-                    Ok(Some((digest, text))) => {
-                        tracing::info!(image = %r, profile = %digest, bytes = text.len(), "prefetching the image's stored read profile");
-                        text
-                    }
-                    Ok(None) => {
-                        tracing::debug!(image = %r, "no read profile stored with the image");
-                        Vec::new()
-                    }
-                    Err(e) => {
-                        tracing::warn!(image = %r, error = %e, "cannot look up a stored read profile; mounting without one");
-                        Vec::new()
-                    }
-                };
-                if !text.is_empty() || whole {
-                    let queued = pf.prefetch(&text, whole);
-                    tracing::info!(image = %r, chunks = queued, "prefetch queued");
-                }
-            })
-            .context("starting the profile lookup")?;
-    }
-    // Chunks and the sealed files of this image stay while it is mounted.
-    let mut ids: Vec<_> = img.index.chunks.iter().map(|c| c.id).collect();
-    let chunk_count = ids.len() as u64;
-    ids.extend(fs.sealed_keys());
-    let info = MountInfo {
-        pid: std::process::id(),
-        reference: reference.to_string(),
-        manifest: img.manifest_desc.digest.clone(),
-        dir: dir.display().to_string(),
-        chunks: chunk_count,
-        counters: serde_json::Value::Null,
-    };
-    let pin = store
-        .pin(&ids, &info)
-        .context("registering the mount in the node store")?;
-    let writable = o.writable.then(|| {
-        let base = match &o.upper {
-            Some(u) if n == 0 => u.clone(),
-            Some(u) => u.join(format!("{n}")),
-            None => PathBuf::from("/var/lib/tessera/overlays")
-                .join(format!("{}-{n}", std::process::id())),
-        };
-        Writable { base }
-    });
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
-    let (d2, threads) = (dir.to_path_buf(), o.threads);
-    let spawned = std::thread::Builder::new()
-        .name(format!("tessera-mount-{n}"))
-        .spawn(move || {
-            let tx = ready_tx.clone();
-            let r = tessera_mount::serve(fs, &d2, threads, writable.as_ref(), move || {
-                let _ = tx.send(Ok(()));
-            });
-            if let Err(e) = &r {
-                let _ = ready_tx.send(Err(anyhow::anyhow!("{e}")));
-            }
-            r
-        });
-    drop(guard.disarm());
-    let job = Arc::new(Job {
-        reference: reference.to_string(),
-        dir: dir.to_path_buf(),
-        fetcher,
-        pin,
-        info,
-        finished: Default::default(),
-    });
-    let session = match spawned {
-        Ok(h) => h,
-        Err(e) => {
-            job.finish(store);
-            return Err(e).context("starting a mount thread");
-        }
-    };
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok((job, session)),
-        Ok(Err(e)) => {
-            let _ = job.wait(session, store);
-            Err(e).with_context(|| format!("mounting {reference} on {}", dir.display()))
-        }
-        Err(_) => {
-            let e = job.wait(session, store).err();
-            Err(e.unwrap_or_else(|| anyhow::anyhow!("the mount thread ended before mounting")))
-                .with_context(|| format!("mounting {reference} on {}", dir.display()))
-        }
-    }
-}
-
-/// Closes a fetcher when dropped, unless disarmed.
-struct CloseOnError(Option<Arc<Fetcher>>);
-
-impl CloseOnError {
-    fn disarm(mut self) -> Option<Arc<Fetcher>> {
-        self.0.take()
-    }
-}
-
-impl Drop for CloseOnError {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f.close();
-        }
-    }
-}
-
-/// Mounts this process serves.
-pub type Jobs = Arc<std::sync::Mutex<Vec<Arc<Job>>>>;
-
-/// Publish every live mount's counters every half second until `done`.
-pub fn publisher(
-    store: Arc<NodeStore>,
-    jobs: Jobs,
-    done: Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        while !done.load(std::sync::atomic::Ordering::Relaxed) {
-            let list = jobs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            for j in list {
-                j.publish(&store);
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    })
-}
-
 pub fn mount(a: &MountArgs) -> Result<i32> {
     if !a.targets.len().is_multiple_of(2) {
         bail!("give REF DIR pairs: {} arguments is odd", a.targets.len());
     }
+    let spec = a.opts.spec();
     if let Some(socket) = &a.daemon {
         if a.store.store.is_some() || a.store.quota.is_some() || a.store.shared_store.is_some() {
             bail!("--store, --quota and --shared-store belong to the daemon (tessera mountd); drop them with --daemon");
         }
-        return crate::mountd::request_mounts(socket, &a.targets, &a.opts);
+        let cwd = std::env::current_dir().context("reading the current directory")?;
+        let spec = spec.absolute(&cwd);
+        for pair in a.targets.chunks(2) {
+            let m = daemon::request_mount(socket, &pair[0], Path::new(&pair[1]), &spec)?;
+            outln!("{m}");
+        }
+        return Ok(0);
     }
     let store = Arc::new(a.store.open()?);
-    let mut running: Vec<(Arc<Job>, Session)> = Vec::new();
-    for (n, pair) in a.targets.chunks(2).enumerate() {
-        let (reference, dir) = (&pair[0], PathBuf::from(&pair[1]));
-        match start(reference, &dir, n, &a.opts, &store) {
-            Ok(r) => {
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "mounted {reference} at {}", dir.display());
-                let _ = out.flush();
-                running.push(r);
-            }
-            Err(e) => {
-                for (j, session) in running {
-                    let _ = tessera_mount::unmount(&j.dir);
-                    let _ = j.wait(session, &store);
-                }
-                return Err(e);
-            }
-        }
-    }
-    let jobs: Jobs = Arc::new(std::sync::Mutex::new(
-        running.iter().map(|(j, _)| j.clone()).collect(),
-    ));
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher = publisher(store.clone(), jobs, done.clone());
-    let mut errors = Vec::new();
-    for (j, session) in running {
-        if let Err(e) = j.wait(session, &store) {
-            errors.push(format!("{e:#}"));
-        }
-    }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = publisher.join();
-    if !errors.is_empty() {
-        bail!("{}", errors.join("; "));
-    }
+    let targets: Vec<(String, PathBuf)> = a
+        .targets
+        .chunks(2)
+        .map(|p| (p[0].clone(), PathBuf::from(&p[1])))
+        .collect();
+    session::serve_all(&targets, &spec, &store, |reference, dir| {
+        // A mount whose stdout is gone keeps serving.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "mounted {reference} at {}", dir.display());
+        let _ = out.flush();
+    })?;
     Ok(0)
 }
 
@@ -613,24 +279,24 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
         CacheCmd::Stats { store, json } => {
             let s = store.open()?.stats().context("reading the node store")?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("node store   {}", s.dir);
-                println!("chunks       {} ({} in all)", s.chunks, gib(s.bytes));
-                println!(
+                outln!("node store   {}", s.dir);
+                outln!("chunks       {} ({} in all)", s.chunks, gib(s.bytes));
+                outln!(
                     "sealed files {} ({}; {} chunks are pointers into them)",
                     s.sealed_files,
                     gib(s.sealed_bytes),
                     s.pointers
                 );
-                println!(
+                outln!(
                     "pinned       {} ({}) by {} mount(s)",
                     s.pinned_chunks,
                     gib(s.pinned_bytes),
                     s.mounts.len()
                 );
                 for m in &s.mounts {
-                    println!(
+                    outln!(
                         "  pid {:>7}  {}  at {}  fetched {}  verification failures {}",
                         m.pid,
                         m.reference,
@@ -640,7 +306,7 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
                     );
                 }
                 if s.stale_pins > 0 || s.temp_files > 0 {
-                    println!(
+                    outln!(
                         "leftovers    {} stale pin(s), {} temp file(s) (tessera cache gc removes them)",
                         s.stale_pins, s.temp_files
                     );
@@ -654,9 +320,9 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
         } => {
             let r = store.open()?.gc(*max_size).context("collecting garbage")?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                outln!(
                     "removed {} chunk(s) ({}), kept {} ({}), {} of them used by mounted images",
                     r.removed_chunks,
                     gib(r.removed_bytes),
@@ -685,9 +351,9 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
                 .context("verifying the node store")?;
             bar.finish_and_clear();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                outln!(
                     "checked {} chunk(s) ({}) and {} sealed file(s): {} corrupt chunk(s), {} corrupt sealed file(s), {} misplaced, removed",
                     r.checked,
                     gib(r.bytes),
@@ -706,28 +372,4 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
         }
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1000"), Ok(1000));
-        assert_eq!(parse_size("4M"), Ok(4 << 20));
-        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
-        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("-1G").is_err());
-        assert!(parse_size("lots").is_err());
-        assert_eq!(
-            super::parse_size_or_auto("auto"),
-            Ok(super::SizeOrAuto::Auto)
-        );
-        assert_eq!(
-            super::parse_size_or_auto("16K"),
-            Ok(super::SizeOrAuto::Size(16 << 10))
-        );
-    }
 }

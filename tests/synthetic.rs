@@ -255,6 +255,10 @@ fn assert_rejected(w: &Path, src_ref: &str, expect: &str) {
         !dst.join("index.json").exists(),
         "nothing may be visible at DST after a failed conversion"
     );
+    assert!(
+        !dst.join(".tessera-staging").exists(),
+        "a failed conversion left its staging directory at DST"
+    );
 }
 
 #[test]
@@ -328,10 +332,10 @@ fn bad_input_is_rejected_cleanly() {
     );
     assert_rejected(w.path(), &format!("oci:{}:dotdot", src.display()), "'..'");
     let mut t = TarBuilder::new();
-    t.raw_file(b"/etc/shadow", b"x");
+    t.raw_file(b"/../etc/shadow", b"x");
     write_image(
         &src,
-        "absolute",
+        "absolute-dotdot",
         &[Layer {
             tar: t.finish(),
             compression: "none",
@@ -340,12 +344,12 @@ fn bad_input_is_rejected_cleanly() {
     );
     assert_rejected(
         w.path(),
-        &format!("oci:{}:absolute", src.display()),
-        "absolute path",
+        &format!("oci:{}:absolute-dotdot", src.display()),
+        "'..'",
     );
     let mut t = TarBuilder::new();
     t.link(EntryType::Symlink, "etc", "/etc")
-        .file(b"etc/cron-evil", 0o644, b"x");
+        .raw_file(b"/etc/cron-evil", b"x");
     write_image(
         &src,
         "symlink",
@@ -625,4 +629,65 @@ fn chunks_of_unpublished_packs_are_not_reused() {
     let top: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dst.join("index.json")).unwrap()).unwrap();
     assert_eq!(top["manifests"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn absolute_member_names_are_relative_to_the_root() {
+    let w = tempfile::tempdir().unwrap();
+    let src = w.path().join("src");
+    let mut t = TarBuilder::new();
+    t.raw_file(b"/etc/shadow", b"root:*:19000::::::\n")
+        .raw_file(b"/opt/app", b"app");
+    write_one_layer(&src, "absolute", t.finish(), "none");
+    let dst = format!("oci:{}:out", w.path().join("dst").display());
+    convert(&format!("oci:{}:absolute", src.display()), &dst, &[]);
+    let root = w.path().join("rootfs");
+    run_ok(tessera().args(["unpack", &dst]).arg(&root));
+    assert_eq!(
+        std::fs::read(root.join("etc/shadow")).unwrap(),
+        b"root:*:19000::::::\n"
+    );
+    assert_eq!(std::fs::read(root.join("opt/app")).unwrap(), b"app");
+    // The same tree as umoci makes of it (but the times of directories neither names).
+    let opts = tessera_treediff::Options {
+        ignore_root_metadata: false,
+        ignore_dir_mtime: true,
+    };
+    let diffs =
+        tessera_treediff::compare(&umoci_rootfs(&src, "absolute", w.path()), &root, &opts).unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+}
+
+#[test]
+fn convert_removes_only_the_staging_directories_it_created() {
+    let w = tempfile::tempdir().unwrap();
+    let src = w.path().join("src");
+    let mut t = TarBuilder::new();
+    t.file(b"a", 0o644, &noise(50_000, 9));
+    write_one_layer(&src, "t", t.finish(), "gzip");
+    // The system temp dir (here an empty one of the test's) is staged in, never removed.
+    let tmp = w.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let reg = DockerRegistry::start();
+    run_ok(
+        tessera()
+            .env("TMPDIR", &tmp)
+            .args(["convert", "--no-cache"])
+            .arg(format!("oci:{}:t", src.display()))
+            .arg(format!("{}/staging/app:t", reg.addr)),
+    );
+    assert!(tmp.is_dir(), "convert removed the system temp dir");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "staging left behind"
+    );
+    // An OCI layout destination: its .tessera-staging goes once empty.
+    let dst = w.path().join("dst");
+    convert(
+        &format!("oci:{}:t", src.display()),
+        &format!("oci:{}:out", dst.display()),
+        &[],
+    );
+    assert!(!dst.join(".tessera-staging").exists());
 }

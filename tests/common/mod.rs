@@ -167,6 +167,16 @@ pub fn write_image(
     md
 }
 
+/// Write an OCI layout image `tag` of one uncompressed-or-`compression` layer `tar`.
+pub fn write_one_layer(
+    layout: &Path,
+    tag: &str,
+    tar: Vec<u8>,
+    compression: &'static str,
+) -> String {
+    write_image(layout, tag, &[Layer { tar, compression }], |_| {})
+}
+
 /// Builds tar layers entry by entry with full control over headers and PAX records.
 pub struct TarBuilder {
     b: tar::Builder<Vec<u8>>,

@@ -61,14 +61,9 @@ fn drain(r: &mut dyn Read) -> io::Result<()> {
     io::copy(r, &mut io::sink()).map(|_| ())
 }
 
-/// Normalize a tar path into components. Rejects `..` and absolute paths.
+/// Normalize a tar path into components. An absolute name (`/etc/passwd`) is relative to
+/// the root, as Docker, containerd and umoci take it; `..` is refused.
 pub fn normalize(raw: &[u8]) -> Result<TreePath, ConvertError> {
-    if raw.first() == Some(&b'/') {
-        return Err(ConvertError::BadLayer(format!(
-            "absolute path {:?} in layer",
-            String::from_utf8_lossy(raw)
-        )));
-    }
     let mut out = Vec::new();
     for c in raw.split(|&b| b == b'/') {
         match c {
@@ -111,8 +106,9 @@ fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
     }
     let mut nanos: u32 = digits.parse().ok()?;
     if negative && nanos > 0 {
-        // "-1.5" means 1.5 s before the epoch.
-        return Some((secs - 1, 1_000_000_000 - nanos));
+        // "-1.5" means 1.5 s before the epoch (the earliest time i64 seconds can say:
+        // refused).
+        return Some((secs.checked_sub(1)?, 1_000_000_000 - nanos));
     }
     if nanos >= 1_000_000_000 {
         nanos = 0;
@@ -652,7 +648,13 @@ mod tests {
         );
         assert_eq!(normalize(b"./").unwrap(), Vec::<Vec<u8>>::new());
         assert!(normalize(b"a/../../etc").is_err());
-        assert!(normalize(b"/etc/passwd").is_err());
+        // Absolute names are relative to the root; `..` is refused there too.
+        assert_eq!(
+            normalize(b"/etc/passwd").unwrap(),
+            vec![b"etc".to_vec(), b"passwd".to_vec()]
+        );
+        assert_eq!(normalize(b"//").unwrap(), Vec::<Vec<u8>>::new());
+        assert!(normalize(b"/../etc/passwd").is_err());
     }
 
     #[test]
@@ -666,6 +668,14 @@ mod tests {
         assert_eq!(parse_pax_time(b"-1.5"), Some((-2, 500_000_000)));
         assert_eq!(parse_pax_time(b"-0.5"), Some((-1, 500_000_000)));
         assert_eq!(parse_pax_time(b"x"), None);
+        // Extremes: no overflow; what i64 seconds cannot hold is refused.
+        assert_eq!(parse_pax_time(b"-9223372036854775808"), Some((i64::MIN, 0)));
+        assert_eq!(parse_pax_time(b"-9223372036854775808.5"), None);
+        assert_eq!(
+            parse_pax_time(b"9223372036854775807.999999999"),
+            Some((i64::MAX, 999_999_999))
+        );
+        assert_eq!(parse_pax_time(b"99999999999999999999"), None);
     }
 
     #[test]

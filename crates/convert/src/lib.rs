@@ -414,25 +414,10 @@ impl<'a> Converter<'a> {
             layers: m.layers.len(),
             ..Default::default()
         };
-        let staging = match self
-            .opts
-            .staging_dir
-            .clone()
-            .or_else(|| self.dst.staging_dir())
-        {
-            Some(d) => {
-                std::fs::create_dir_all(&d).map_err(|e| ConvertError::Io {
-                    context: format!("creating {}", d.display()),
-                    source: e,
-                })?;
-                tempfile::tempdir_in(&d)
-            }
-            None => tempfile::tempdir(),
-        }
-        .map_err(|e| ConvertError::Io {
-            context: "creating a staging directory".into(),
-            source: e,
-        })?;
+        let staging = Staging::new(
+            self.opts.staging_dir.as_deref(),
+            self.dst.staging_dir().as_deref(),
+        )?;
 
         let mut tree = MergedTree::new();
         let mut local: HashMap<Digest, StoredChunk> = HashMap::new();
@@ -634,11 +619,7 @@ impl<'a> Converter<'a> {
         };
         let bytes = manifest::to_bytes(&out)?;
         let desc = Descriptor::new(media::OCI_MANIFEST, &Digest::of(&bytes), bytes.len() as u64);
-        // Remove the staging directory (and its parent when no other conversion uses it).
-        if let Some(parent) = staging.path().parent().map(|p| p.to_path_buf()) {
-            drop(staging);
-            let _ = std::fs::remove_dir(parent);
-        }
+        drop(staging);
         rep.manifest = desc.digest.clone();
         rep.seconds = t0.elapsed().as_secs_f64();
         Ok((desc, bytes, rep))
@@ -698,6 +679,86 @@ impl<'a> Converter<'a> {
         });
         if let Err(e) = res {
             tracing::warn!(error = %e, "could not write the layer cache");
+        }
+    }
+}
+
+/// The staging directory of one conversion: a fresh directory of its own, removed when
+/// dropped (on success and on failure alike). It is made in `--staging-dir`, else in the
+/// destination's own staging directory (an OCI layout's `.tessera-staging`, removed once
+/// empty — it is tessera's), else in the system temp dir. Only what this conversion
+/// created is ever removed: never a directory it was given or found.
+struct Staging {
+    dir: Option<tempfile::TempDir>,
+    /// The parent, when this conversion created it (removed if empty).
+    made_parent: Option<PathBuf>,
+}
+
+impl Staging {
+    fn new(given: Option<&Path>, destination: Option<&Path>) -> Result<Staging, ConvertError> {
+        let io = |context: String| move |source| ConvertError::Io { context, source };
+        let (parent, ours) = match (given, destination) {
+            (Some(d), _) => (d, false),
+            (None, Some(d)) => (d, true),
+            (None, None) => {
+                let dir = tempfile::tempdir().map_err(io("creating a staging directory".into()))?;
+                return Ok(Staging {
+                    dir: Some(dir),
+                    made_parent: None,
+                });
+            }
+        };
+        // Another conversion may remove an empty parent at any moment: retry then.
+        let mut made = false;
+        for _ in 0..8 {
+            if !parent.exists() {
+                match std::fs::create_dir(parent) {
+                    Ok(()) => made = true,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        std::fs::create_dir_all(parent)
+                            .map_err(io(format!("creating {}", parent.display())))?;
+                        made = true;
+                    }
+                    Err(e) => return Err(io(format!("creating {}", parent.display()))(e)),
+                }
+            }
+            match tempfile::tempdir_in(parent) {
+                Ok(dir) => {
+                    return Ok(Staging {
+                        dir: Some(dir),
+                        made_parent: (ours || made).then(|| parent.to_path_buf()),
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    if made {
+                        let _ = std::fs::remove_dir(parent);
+                    }
+                    return Err(io(format!(
+                        "creating a staging directory in {}",
+                        parent.display()
+                    ))(e));
+                }
+            }
+        }
+        Err(ConvertError::Io {
+            context: format!("creating a staging directory in {}", parent.display()),
+            source: std::io::Error::other("its parent kept disappearing"),
+        })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().map_or(Path::new(""), |d| d.path())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        drop(self.dir.take());
+        if let Some(p) = &self.made_parent {
+            // Only when empty: a concurrent conversion may be staging there.
+            let _ = std::fs::remove_dir(p);
         }
     }
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tessera_format::pack::decode_chunk;
 use tessera_image::TesseraImage;
-use tessera_oci::{OciError, Store};
+use tessera_oci::{OciError, RangeRead, Store};
 
 use crate::store::{file_key, NodeStore, Sealed};
 
@@ -221,8 +221,25 @@ pub struct Fetcher {
     busy: std::sync::atomic::AtomicUsize,
     seals: Mutex<SealQueue>,
     sealing: Condvar,
+    /// The registry ignores `Range` (it answered a range request with the whole blob):
+    /// packs are then fetched whole, once each, into the node store.
+    whole_packs: std::sync::atomic::AtomicBool,
+    /// Per pack, held while it is fetched whole; true once it was.
+    pack_loads: Mutex<HashMap<u32, Arc<Mutex<bool>>>>,
     pub stats: FetchStats,
 }
+
+/// What a fetch of a run of neighbouring chunks got.
+enum Got {
+    /// The bytes of the run, as stored (to decode and verify).
+    Range(Vec<u8>),
+    /// The run's chunks, decoded and verified, from a whole pack.
+    Chunks(HashMap<u32, Outcome>),
+}
+
+/// Chunks of a pack fetched whole are written to the node store in batches of this many
+/// bytes.
+const WHOLE_PACK_BATCH: usize = 8 << 20;
 
 /// A file's chunks as a sealed file lists them: (id, length), in order; None if the
 /// index names a chunk it does not have.
@@ -280,6 +297,8 @@ impl Fetcher {
             link: Mutex::new(LinkMeter::default()),
             seals: Mutex::new(SealQueue::default()),
             sealing: Condvar::new(),
+            whole_packs: std::sync::atomic::AtomicBool::new(false),
+            pack_loads: Mutex::new(HashMap::new()),
             stats: FetchStats::default(),
         });
         {
@@ -867,34 +886,25 @@ impl Fetcher {
                 j += 1;
             }
             let run = &sorted[i..j];
-            match self.read_range_retrying(first.pack, first.offset, end - first.offset) {
-                Ok(buf) => {
+            match self.read_run(first.pack, first.offset, end - first.offset, run) {
+                Ok(Got::Chunks(mut got)) => {
+                    for &c in run {
+                        let outcome = got.remove(&c).unwrap_or_else(|| {
+                            Err(Failure::Corrupt("not found in its pack".into()))
+                        });
+                        self.land(c, outcome.clone());
+                        out.push((c, outcome));
+                    }
+                }
+                Ok(Got::Range(buf)) => {
                     for &c in run {
                         let loc = &chunks[c as usize];
                         let s = (loc.offset - first.offset) as usize;
-                        let outcome = buf
-                            .get(s..s + loc.stored_len as usize)
-                            .ok_or_else(|| "short range".to_string())
-                            .and_then(|b| {
-                                decode_chunk(b, &self.image.toc_entry(loc))
-                                    .map_err(|e| e.to_string())
-                            });
-                        let outcome = match outcome {
-                            Ok(data) => {
-                                self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                                let d: Arc<[u8]> = data.into();
-                                self.persist(c, &d);
-                                self.remember(c, &d);
-                                Ok(d)
-                            }
-                            Err(e) => {
-                                self.stats
-                                    .verification_failures
-                                    .fetch_add(1, Ordering::Relaxed);
-                                tracing::error!(chunk = %loc.id, error = %e, "chunk failed verification; not cached, reads of it fail with EIO");
-                                Err(Failure::Corrupt(e))
-                            }
-                        };
+                        let outcome = self.decode(loc, buf.get(s..s + loc.stored_len as usize));
+                        if let Ok(d) = &outcome {
+                            self.persist(c, d);
+                            self.remember(c, d);
+                        }
                         self.land(c, outcome.clone());
                         out.push((c, outcome));
                     }
@@ -914,33 +924,200 @@ impl Fetcher {
         out
     }
 
-    fn read_range_retrying(&self, pack: u32, offset: u64, len: u64) -> Result<Vec<u8>, String> {
-        let digest = self.image.index.packs[pack as usize];
+    /// A fetched chunk from its stored bytes (None: not in what the registry sent),
+    /// decoded and verified; counted, and a failure logged (it is never cached).
+    fn decode(&self, loc: &tessera_format::index::ChunkLoc, stored: Option<&[u8]>) -> Outcome {
+        let decoded = stored
+            .ok_or_else(|| "short range".to_string())
+            .and_then(|b| decode_chunk(b, &self.image.toc_entry(loc)).map_err(|e| e.to_string()));
+        match decoded {
+            Ok(data) => {
+                self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                Ok(data.into())
+            }
+            Err(e) => {
+                self.stats
+                    .verification_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(chunk = %loc.id, error = %e, "chunk failed verification; not cached, reads of it fail with EIO");
+                Err(Failure::Corrupt(e))
+            }
+        }
+    }
+
+    /// Retry `op` with exponential backoff while it fails with a retriable error, until
+    /// `max_wait` has passed.
+    fn retrying<T>(
+        &self,
+        what: &dyn Fn() -> String,
+        op: &mut dyn FnMut() -> Result<T, OciError>,
+    ) -> Result<T, String> {
         let deadline = Instant::now() + self.opts.max_wait;
         let mut delay = Duration::from_millis(50);
         loop {
             self.stats.range_requests.fetch_add(1, Ordering::Relaxed);
-            self.link.lock().unwrap_or_else(|e| e.into_inner()).start();
-            let got = self.source.read_range(&digest, offset, len);
-            self.link
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .end(got.as_ref().map_or(0, |b| b.len() as u64));
-            match got {
-                Ok(b) => {
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(b.len() as u64, Ordering::Relaxed);
-                    return Ok(b);
-                }
+            match op() {
+                Ok(v) => return Ok(v),
                 Err(e) if retriable(&e) && Instant::now() + delay < deadline => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(pack = %digest, error = %e, retry_in_ms = delay.as_millis() as u64, "range read failed; retrying");
+                    tracing::warn!(what = %what(), error = %e, retry_in_ms = delay.as_millis() as u64, "registry read failed; retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
-                Err(e) => return Err(format!("pack {digest} bytes {offset}+{len}: {e}")),
+                Err(e) => return Err(format!("{}: {e}", what())),
             }
         }
+    }
+
+    /// Bytes `offset..offset+len` of pack `pack` holding the chunks `run`; or, from a
+    /// registry that ignores `Range`, the run's chunks out of the whole pack.
+    fn read_run(&self, pack: u32, offset: u64, len: u64, run: &[u32]) -> Result<Got, String> {
+        if self.whole_packs.load(Ordering::Relaxed) {
+            return self.whole_pack(pack, run, None).map(Got::Chunks);
+        }
+        let digest = self.image.index.packs[pack as usize];
+        let size = self.pack_size(pack);
+        let got = self.retrying(
+            &|| format!("pack {digest} bytes {offset}+{len}"),
+            &mut || {
+                self.link.lock().unwrap_or_else(|e| e.into_inner()).start();
+                let got = self.source.read_range_or_whole(&digest, offset, len, size);
+                let n = match &got {
+                    Ok(RangeRead::Range(b)) => b.len() as u64,
+                    _ => 0,
+                };
+                self.link.lock().unwrap_or_else(|e| e.into_inner()).end(n);
+                got
+            },
+        )?;
+        match got {
+            RangeRead::Range(b) => {
+                self.stats
+                    .bytes_fetched
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
+                Ok(Got::Range(b))
+            }
+            RangeRead::Whole(r) => {
+                if !self.whole_packs.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(pack = %digest, "the registry ignores Range requests: fetching whole packs (once each) into the node store");
+                }
+                self.whole_pack(pack, run, Some(r)).map(Got::Chunks)
+            }
+        }
+    }
+
+    fn pack_size(&self, pack: u32) -> u64 {
+        let digest = self.image.index.packs[pack as usize];
+        self.image.packs.get(&digest).map_or(0, |d| d.size)
+    }
+
+    /// The chunks `run` of pack `pack`, from the whole pack: read from `first` (the
+    /// answer of a range request that got the whole blob) or fetched (once, however many
+    /// callers want chunks of it). Every chunk of the image in the pack is verified and
+    /// written to the node store, so later reads find them there.
+    fn whole_pack(
+        &self,
+        pack: u32,
+        run: &[u32],
+        first: Option<Box<dyn std::io::Read + Send>>,
+    ) -> Result<HashMap<u32, Outcome>, String> {
+        let lock = self
+            .pack_loads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(pack)
+            .or_default()
+            .clone();
+        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if *done {
+            // Fetched by another caller meanwhile: from the node store (unless evicted).
+            let mut got = HashMap::new();
+            for &c in run {
+                match self.in_memory(c).or_else(|| {
+                    self.store
+                        .get(&self.image.index.chunks[c as usize].id)
+                        .map(Into::into)
+                }) {
+                    Some(d) => {
+                        got.insert(c, Ok(d));
+                    }
+                    None => break,
+                }
+            }
+            if got.len() == run.len() {
+                return Ok(got);
+            }
+        }
+        let digest = self.image.index.packs[pack as usize];
+        let size = self.pack_size(pack);
+        let mut r = match first {
+            Some(r) => r,
+            None => self.retrying(&|| format!("pack {digest}"), &mut || {
+                self.source.open_blob(&digest, size)
+            })?,
+        };
+        let chunks = &self.image.index.chunks;
+        let start = self
+            .pack_order
+            .partition_point(|&c| chunks[c as usize].pack < pack);
+        let wanted: HashSet<u32> = run.iter().copied().collect();
+        let mut got = HashMap::new();
+        let mut batch: Vec<(tessera_format::Digest, Arc<[u8]>)> = Vec::new();
+        let mut batch_bytes = 0;
+        let flush = |batch: &mut Vec<(tessera_format::Digest, Arc<[u8]>)>| {
+            let items: Vec<_> = batch.iter().map(|(id, d)| (*id, &d[..])).collect();
+            if let Err(e) = self.store.put_many(&items) {
+                tracing::warn!(error = %e, chunks = items.len(), "cannot cache chunks in the node store");
+            }
+            batch.clear();
+        };
+        let mut pos = 0u64;
+        let mut buf = Vec::new();
+        let io = |e: std::io::Error| format!("reading pack {digest}: {e}");
+        for &c in self.pack_order[start..]
+            .iter()
+            .take_while(|&&c| chunks[c as usize].pack == pack)
+        {
+            let loc = &chunks[c as usize];
+            if loc.offset < pos {
+                // Overlaps the previous chunk: not a pack this index describes.
+                if wanted.contains(&c) {
+                    got.insert(c, Err(Failure::Corrupt("overlapping chunks".into())));
+                }
+                continue;
+            }
+            std::io::copy(
+                &mut std::io::Read::take(&mut r, loc.offset - pos),
+                &mut std::io::sink(),
+            )
+            .map_err(io)?;
+            buf.resize(loc.stored_len as usize, 0);
+            std::io::Read::read_exact(&mut r, &mut buf).map_err(io)?;
+            pos = loc.offset + loc.stored_len as u64;
+            let outcome = self.decode(loc, Some(&buf));
+            if let Ok(d) = &outcome {
+                batch_bytes += d.len();
+                batch.push((loc.id, d.clone()));
+                if batch_bytes >= WHOLE_PACK_BATCH {
+                    flush(&mut batch);
+                    batch_bytes = 0;
+                }
+            }
+            if wanted.contains(&c) {
+                if let Ok(d) = &outcome {
+                    self.remember(c, d);
+                }
+                got.insert(c, outcome);
+            }
+        }
+        flush(&mut batch);
+        // The rest of the pack, so the reader checks the whole blob's digest.
+        let rest = std::io::copy(&mut r, &mut std::io::sink());
+        self.stats.bytes_fetched.fetch_add(size, Ordering::Relaxed);
+        if let Err(e) = rest {
+            tracing::warn!(pack = %digest, error = %e, "a pack fetched whole failed its digest check (its chunks were verified one by one)");
+        }
+        *done = true;
+        Ok(got)
     }
 }

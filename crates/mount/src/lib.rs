@@ -18,10 +18,12 @@
 //!   The kernel allows one mode per inode at a time: while a file is open through the
 //!   daemon, new opens of it go through the daemon too.
 
+pub mod daemon;
 pub mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod profile;
+pub mod session;
 pub mod store;
 
 use fetch::{Failure, Fetcher, Priority};
@@ -915,22 +917,102 @@ impl Filesystem for ImageFs {
     }
 }
 
+/// Who may use a mount, and what of an image it honours. The default suits an untrusted
+/// image: only the mounting user reaches the mount, and setuid bits and device nodes in
+/// the image are inert (`nosuid,nodev`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Access {
+    /// Let every user reach the mount (FUSE `allow_other`): a container runtime whose
+    /// processes run as other users needs it.
+    #[serde(default)]
+    pub allow_other: bool,
+    /// Honour setuid and setgid bits of the image's files.
+    #[serde(default)]
+    pub suid: bool,
+    /// Honour the image's device nodes.
+    #[serde(default)]
+    pub dev: bool,
+}
+
+impl Access {
+    fn flags(&self) -> rustix::mount::MountFlags {
+        let mut f = rustix::mount::MountFlags::empty();
+        if !self.suid {
+            f |= rustix::mount::MountFlags::NOSUID;
+        }
+        if !self.dev {
+            f |= rustix::mount::MountFlags::NODEV;
+        }
+        f
+    }
+}
+
 /// A copy-on-write root over the read-only image: overlayfs with the FUSE mount as its
 /// lower layer and a private upper layer, all under one base directory.
 #[derive(Debug, Clone)]
 pub struct Writable {
-    /// Holds `lower/` (the FUSE mount), `upper/` and `work/`.
+    /// Holds `lower/` (the FUSE mount), `upper/` and `work/`; absolute, so that the
+    /// overlay's options name the lower mount as `/proc/self/mountinfo` does (which is
+    /// how [`unmount`] finds it).
     pub base: PathBuf,
 }
 
 impl Writable {
+    /// A copy-on-write root under `base` (created; a relative one is made absolute).
+    pub fn new(base: &Path) -> Result<Writable, MountError> {
+        let err = |source| MountError::Overlay {
+            path: base.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(base).map_err(err)?;
+        Ok(Writable {
+            base: std::fs::canonicalize(base).map_err(err)?,
+        })
+    }
+
+    /// A fresh copy-on-write root with a unique name under `parent` (for a mount given no
+    /// directory of its own; [`Writable::remove`] it once unmounted).
+    pub fn fresh_in(parent: &Path) -> Result<Writable, MountError> {
+        let err = |source| MountError::Overlay {
+            path: parent.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(parent).map_err(err)?;
+        let dir = tempfile::Builder::new()
+            .prefix("overlay-")
+            .tempdir_in(parent)
+            .map_err(err)?
+            .keep();
+        Writable::new(&dir)
+    }
+
+    /// Remove the base directory and everything in it (the changes made through the
+    /// mount), unless something under it is still mounted.
+    pub fn remove(&self) -> Result<(), MountError> {
+        let err = |source| MountError::Overlay {
+            path: self.base.display().to_string(),
+            source,
+        };
+        // Nothing mounted under it, and no overlay still using its upper layer.
+        let upper = format!("upperdir={}", self.upper().display());
+        if mounts()
+            .iter()
+            .any(|(p, _, o)| p.starts_with(&self.base) || o.split(',').any(|x| x == upper))
+        {
+            return Err(err(std::io::Error::other(
+                "still mounted; not removed (unmount it first)",
+            )));
+        }
+        std::fs::remove_dir_all(&self.base).map_err(err)
+    }
+
     pub fn lower(&self) -> PathBuf {
         self.base.join("lower")
     }
     pub fn upper(&self) -> PathBuf {
         self.base.join("upper")
     }
-    fn mount(&self, target: &Path) -> Result<(), MountError> {
+    fn mount(&self, target: &Path, access: Access) -> Result<(), MountError> {
         let err = |source: std::io::Error| MountError::Overlay {
             path: target.display().to_string(),
             source,
@@ -957,7 +1039,7 @@ impl Writable {
             "tessera",
             target,
             "overlay",
-            rustix::mount::MountFlags::empty(),
+            access.flags(),
             Some(
                 std::ffi::CString::new(opts)
                     .map_err(|e| err(std::io::Error::other(e)))?
@@ -970,12 +1052,14 @@ impl Writable {
 
 /// Mount `fs` on `dir` (with `writable`, an overlay on `dir` over the FUSE mount on
 /// `writable.lower()`) and serve it until it is unmounted. `ready` runs once everything
-/// is mounted, while requests are already being served.
+/// is mounted, while requests are already being served. `access` says who may use the
+/// mount and whether setuid bits and device nodes count (by default: not).
 pub fn serve(
     fs: ImageFs,
     dir: &Path,
     threads: usize,
     writable: Option<&Writable>,
+    access: Access,
     ready: impl FnOnce(),
 ) -> Result<(), MountError> {
     let fuse_dir = match writable {
@@ -995,12 +1079,26 @@ pub fn serve(
         fuser::MountOption::FSName("tessera".into()),
         fuser::MountOption::Subtype("tessera".into()),
         fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::Dev,
-        fuser::MountOption::Suid,
+        if access.dev {
+            fuser::MountOption::Dev
+        } else {
+            fuser::MountOption::NoDev
+        },
+        if access.suid {
+            fuser::MountOption::Suid
+        } else {
+            fuser::MountOption::NoSuid
+        },
         fuser::MountOption::Exec,
     ];
-    // Containers run as other users than the daemon.
-    config.acl = fuser::SessionACL::All;
+    // Only the mounting user (root) unless asked: an overlay on top reaches its lower
+    // layer with the mounter's credentials; containers running as other users need
+    // `allow_other`.
+    config.acl = if access.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
     config.n_threads = Some(threads.max(1));
     let err = |source| MountError::Mount {
         path: fuse_dir.display().to_string(),
@@ -1014,7 +1112,7 @@ pub fn serve(
         .spawn(move || session.run())
         .map_err(err)?;
     if let Some(w) = writable {
-        if let Err(e) = w.mount(dir) {
+        if let Err(e) = w.mount(dir, access) {
             let _ = unmount_one(&fuse_dir);
             let _ = runner.join();
             return Err(e);

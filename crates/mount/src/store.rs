@@ -106,7 +106,9 @@ pub struct NodeStore {
     dir: PathBuf,
     opts: StoreOptions,
     state: Arc<State>,
-    pins: Mutex<Vec<PathBuf>>,
+    /// This process's pins, each held open with an exclusive `flock` for the mount's
+    /// life: the lock, not a pid, says that a pin is live.
+    pins: Mutex<HashMap<PathBuf, File>>,
 }
 
 /// What a background eviction shares with the store it works for.
@@ -198,6 +200,9 @@ pub struct VerifyReport {
 /// A pin of a live process: its base path (without extension) and what it publishes.
 type LivePin = (PathBuf, MountInfo);
 
+/// A pin nobody holds: its base path, and its lock, now held by us.
+type StalePin = (PathBuf, File);
+
 /// What a file found by a walk of the store is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -229,8 +234,14 @@ fn is_hex(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+/// Whether the pin file `p` is held by a live mount: its owner keeps an exclusive
+/// `flock` on it for the mount's life (a pid would say nothing across pid namespaces, and
+/// could be reused). A lock we can take means the holder is gone; it is returned, held,
+/// so the stale pin can be removed before anyone else looks. Errors count as live.
+fn pin_holder_gone(p: &Path) -> Option<File> {
+    let f = File::open(p).ok()?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()?;
+    Some(f)
 }
 
 /// LRU age: a hit makes the file young again (cheaply: at most once a minute).
@@ -271,7 +282,7 @@ impl NodeStore {
             dir: dir.to_path_buf(),
             opts,
             state: Arc::default(),
-            pins: Mutex::new(Vec::new()),
+            pins: Mutex::new(HashMap::new()),
         };
         if store.opts.quota.is_some() {
             let chunks: u64 = store.walk()?.iter().map(|c| c.len).sum();
@@ -318,12 +329,27 @@ impl NodeStore {
             });
     }
 
-    /// A chunk's verified bytes from the tier rooted at `base` (local or shared).
+    /// A chunk's verified bytes from the tier rooted at `base` (local or shared). A file
+    /// there is a chunk (at most [`MAX_CHUNK`] bytes) or a pointer ([`POINTER_LEN`]):
+    /// anything larger, or not a regular file, is refused without being read.
     fn read_in(&self, base: &Path, id: &Digest, local: bool) -> Option<Vec<u8>> {
         let p = NodeStore::path_in(base, id);
         let mut f = File::open(&p).ok()?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf).ok()?;
+        let buf = match read_file_bounded(&mut f, MAX_CHUNK.max(POINTER_LEN) as u64) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                self.state
+                    .counters
+                    .corrupt_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(chunk = %id, path = %p.display(), error = %e, "refused a node store file that cannot be a chunk");
+                if local && fs::remove_file(&p).is_ok() {
+                    self.sub_bytes(f.metadata().map(|m| m.len()).unwrap_or(0));
+                }
+                return None;
+            }
+            Err(_) => return None,
+        };
         if Digest::of(&buf) == *id {
             if local {
                 touch(&f);
@@ -599,7 +625,8 @@ impl NodeStore {
         }
     }
 
-    /// Store verified bytes (the caller checked `Digest::of(data) == id`).
+    /// Store verified bytes (the caller checked `Digest::of(data) == id`). Never replaces
+    /// what is there (a pointer written by a seal meanwhile stays).
     pub fn put(&self, id: &Digest, data: &[u8]) -> io::Result<()> {
         let p = self.path(id);
         if p.exists() {
@@ -611,10 +638,17 @@ impl NodeStore {
         let written = f
             .write_all(data)
             .and_then(|_| f.sync_data())
-            .and_then(|_| fs::rename(&tmp, &p));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
+            .and_then(|_| rename_noreplace(&tmp, &p));
+        match written {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = fs::remove_file(&tmp);
+                return Ok(());
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
         }
         self.state
             .bytes
@@ -690,8 +724,8 @@ impl NodeStore {
         result
     }
 
-    /// Keep `ids` (chunk ids and sealed-file keys) from eviction while this process
-    /// lives; `info` is published beside.
+    /// Keep `ids` (chunk ids and sealed-file keys) from eviction while this pin is held
+    /// (until [`NodeStore::unpin`], or this process ends); `info` is published beside.
     pub fn pin(&self, ids: &[Digest], info: &MountInfo) -> io::Result<PathBuf> {
         let mounts = self.dir.join("mounts");
         fs::create_dir_all(&mounts)?;
@@ -707,10 +741,29 @@ impl NodeStore {
         for id in ids {
             bytes.extend_from_slice(&id.0);
         }
-        write_atomic(&base.with_extension("pin"), &bytes)?;
+        // Locked before it is visible under its name: a gc never sees it unlocked.
+        let path = base.with_extension("pin");
+        let tmp = base.with_extension("pin.part");
+        let held = File::create(&tmp).and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_data()?;
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)?;
+            fs::rename(&tmp, &path)?;
+            Ok(f)
+        });
+        let held = match held {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         let json = serde_json::to_vec_pretty(info).map_err(io::Error::other)?;
-        write_atomic(&base.with_extension("json"), &json)?;
-        pins.push(base.clone());
+        if let Err(e) = write_atomic(&base.with_extension("json"), &json) {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        pins.insert(base.clone(), held);
         Ok(base)
     }
 
@@ -720,18 +773,19 @@ impl NodeStore {
         write_atomic(&pin.with_extension("json"), &json)
     }
 
-    /// Drop a pin (the mount ended).
+    /// Drop a pin (the mount ended): its files go, then its lock.
     pub fn unpin(&self, pin: &Path) {
         let _ = fs::remove_file(pin.with_extension("pin"));
         let _ = fs::remove_file(pin.with_extension("json"));
         self.pins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|p| p != pin);
+            .remove(pin);
     }
 
-    /// Live pins: (pin base path, info); stale ones are listed separately.
-    fn pins(&self) -> io::Result<(Vec<LivePin>, Vec<PathBuf>)> {
+    /// Live pins: (pin base path, info); stale ones (nobody holds their lock) are listed
+    /// separately, each with its lock, now held by us.
+    fn pins(&self) -> io::Result<(Vec<LivePin>, Vec<StalePin>)> {
         let mut live = Vec::new();
         let mut stale = Vec::new();
         let Ok(rd) = fs::read_dir(self.dir.join("mounts")) else {
@@ -743,24 +797,24 @@ impl NodeStore {
                 continue;
             }
             let base = p.with_extension("");
+            if let Some(lock) = pin_holder_gone(&p) {
+                stale.push((base, lock));
+                continue;
+            }
             let pid = base
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.split('-').next())
-                .and_then(|n| n.parse::<u32>().ok());
-            match pid {
-                Some(pid) if pid_alive(pid) => {
-                    let info = fs::read(base.with_extension("json"))
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<MountInfo>(&b).ok())
-                        .unwrap_or(MountInfo {
-                            pid,
-                            ..Default::default()
-                        });
-                    live.push((base, info));
-                }
-                _ => stale.push(base),
-            }
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(0);
+            let info = read_bounded(&base.with_extension("json"), MAX_INFO_JSON)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<MountInfo>(&b).ok())
+                .unwrap_or(MountInfo {
+                    pid,
+                    ..Default::default()
+                });
+            live.push((base, info));
         }
         Ok((live, stale))
     }
@@ -802,7 +856,7 @@ impl NodeStore {
                     None => Kind::Misplaced,
                     Some(id) if m.len() == POINTER_LEN as u64 => {
                         // A 48-byte chunk that happens to look like a pointer is a chunk.
-                        match fs::read(f.path())
+                        match read_bounded(&f.path(), POINTER_LEN as u64)
                             .ok()
                             .filter(|b| Digest::of(b) != id)
                             .and_then(|b| Pointer::parse(&b))
@@ -937,10 +991,17 @@ impl NodeStore {
         // Bytes this process adds while the walk runs are not in it: kept on top.
         let counted_before = self.state.bytes.load(Ordering::Relaxed);
         let (live, stale) = self.pins()?;
-        for base in stale {
+        for (base, _lock) in stale {
             let _ = fs::remove_file(base.with_extension("pin"));
             let _ = fs::remove_file(base.with_extension("json"));
             r.stale_pins_removed += 1;
+        }
+        // Pins and publications a process died writing (`*.part`).
+        for e in fs::read_dir(self.dir.join("mounts"))?.flatten() {
+            let part = e.path().extension().and_then(|x| x.to_str()) == Some("part");
+            if part && old_enough(&e) && fs::remove_file(e.path()).is_ok() {
+                r.temp_files_removed += 1;
+            }
         }
         for e in fs::read_dir(self.dir.join("tmp"))?.flatten() {
             if old_enough(&e) && fs::remove_file(e.path()).is_ok() {
@@ -1067,7 +1128,7 @@ impl NodeStore {
             dir: self.dir.clone(),
             opts: self.opts.clone(),
             state: self.state.clone(),
-            pins: Mutex::new(Vec::new()),
+            pins: Mutex::new(HashMap::new()),
         };
         let spawned = std::thread::Builder::new()
             .name("tessera-evict".into())
@@ -1170,7 +1231,7 @@ impl NodeStore {
                 }
                 Kind::Chunk(id) => {
                     r.bytes += f.len;
-                    let ok = fs::read(&f.path)
+                    let ok = read_bounded(&f.path, MAX_CHUNK.max(POINTER_LEN) as u64)
                         .map(|b| {
                             // Sealed since the walk: a pointer now, checked as one.
                             Digest::of(&b) == id
@@ -1188,14 +1249,16 @@ impl NodeStore {
                 Kind::Pointer(id, p) => {
                     r.bytes += p.len as u64;
                     let sp = NodeStore::sealed_path_in(&self.dir, &p.key);
-                    let mut buf = vec![0u8; p.len as usize];
+                    // A pointer names at most one chunk: never allocate what it claims.
+                    let mut buf = vec![0u8; (p.len as usize).min(MAX_CHUNK + 1)];
                     match File::open(&sp) {
                         Err(_) => {
                             let _ = fs::remove_file(&f.path);
                             r.dangling_removed += 1;
                         }
                         Ok(s) => {
-                            let ok = s.read_exact_at(&mut buf, p.offset).is_ok()
+                            let ok = p.len as usize <= MAX_CHUNK
+                                && s.read_exact_at(&mut buf, p.offset).is_ok()
                                 && Digest::of(&buf) == id;
                             if !ok {
                                 let _ = fs::remove_file(&f.path);
@@ -1224,6 +1287,42 @@ pub(crate) fn parse_chunk_list(b: &[u8]) -> Option<Vec<(Digest, u32)>> {
             ))
         })
         .collect()
+}
+
+/// Largest `<pin>.json` read (what a mount publishes about itself).
+const MAX_INFO_JSON: u64 = 1 << 20;
+
+/// All of `f`, a regular file of at most `max` bytes; anything else is refused with
+/// `InvalidData` (never read past `max + 1` bytes, so a huge or endless file costs
+/// nothing).
+fn read_file_bounded(f: &mut File, max: u64) -> io::Result<Vec<u8>> {
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    if m.len() > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} bytes, more than the {max} it can hold", m.len()),
+        ));
+    }
+    let mut buf = Vec::with_capacity(m.len() as usize);
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("grew past the {max} bytes it can hold"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// [`read_file_bounded`] of the file at `p`.
+fn read_bounded(p: &Path, max: u64) -> io::Result<Vec<u8>> {
+    read_file_bounded(&mut File::open(p)?, max)
 }
 
 /// Rename `from` to `to` unless `to` exists: Ok(false) when it did. Filesystems without
@@ -1386,6 +1485,18 @@ mod tests {
         assert!(s.state.counters.evicted_chunks.load(Ordering::Relaxed) > 0);
     }
 
+    /// A store at `local` with the shared tier `shared`.
+    fn with_shared_tier(local: &Path, shared: &Path) -> NodeStore {
+        NodeStore::open_with(
+            local,
+            StoreOptions {
+                quota: None,
+                shared: Some(shared.to_path_buf()),
+            },
+        )
+        .unwrap()
+    }
+
     #[test]
     fn shared_tier_is_read_verified_and_never_modified() {
         let shared = tempfile::tempdir().unwrap();
@@ -1394,14 +1505,7 @@ mod tests {
         let good = put(&seed, b"shared chunk");
         let bad = put(&seed, b"will be corrupted");
         std::fs::write(seed.path(&bad), b"rot").unwrap();
-        let s = NodeStore::open_with(
-            local.path(),
-            StoreOptions {
-                quota: None,
-                shared: Some(shared.path().to_path_buf()),
-            },
-        )
-        .unwrap();
+        let s = with_shared_tier(local.path(), shared.path());
         assert_eq!(s.get(&good).unwrap(), b"shared chunk");
         assert!(s.get(&bad).is_none());
         assert!(seed.path(&bad).exists(), "shared tier modified");
@@ -1614,5 +1718,138 @@ mod tests {
         .to_vec();
         fs::write(s.path(&list[0].0), &fake).unwrap();
         assert!(s.get(&list[0].0).is_none());
+    }
+
+    /// Wait (bounded) until some other process holds the lock of the pin file `p`.
+    fn wait_until_locked(p: &Path) {
+        let start = std::time::Instant::now();
+        while pin_holder_gone(p).is_some() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the lock holder never took {}",
+                p.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_pin_held_in_another_pid_namespace_is_live_until_its_holder_dies() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let id = put(&s, b"used by a mount in a container");
+        // Its pid means nothing here (beyond pid_max): only the lock says it is live.
+        let pin = d.path().join("mounts/999999999-0.pin");
+        std::fs::write(&pin, id.0).unwrap();
+        let mut holder = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "flock"])
+            .arg(&pin)
+            .args(["sleep", "60"])
+            .spawn()
+            .expect("unshare (util-linux) is needed for this test");
+        wait_until_locked(&pin);
+        let st = s.stats().unwrap();
+        assert_eq!((st.mounts.len(), st.stale_pins), (1, 0), "{st:?}");
+        let r = s.gc(0).unwrap();
+        assert_eq!((r.removed_chunks, r.pinned_kept), (0, 1), "{r:?}");
+        assert!(s.get(&id).is_some(), "a live mount's chunk was evicted");
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        let start = std::time::Instant::now();
+        while pin_holder_gone(&pin).is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "lock never released"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let r = s.gc(0).unwrap();
+        assert_eq!((r.removed_chunks, r.stale_pins_removed), (1, 1), "{r:?}");
+    }
+
+    #[test]
+    fn a_dead_pin_is_collected_even_when_its_pid_is_alive() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let id = put(&s, b"x");
+        // Left by a mount that died; its pid now belongs to a live process (us).
+        std::fs::write(
+            d.path()
+                .join(format!("mounts/{}-77.pin", std::process::id())),
+            id.0,
+        )
+        .unwrap();
+        assert_eq!(s.stats().unwrap().stale_pins, 1);
+        let r = s.gc(0).unwrap();
+        assert_eq!((r.removed_chunks, r.stale_pins_removed), (1, 1), "{r:?}");
+        // A pin this process holds is live.
+        let id = put(&s, b"y");
+        let pin = s.pin(&[id], &MountInfo::default()).unwrap();
+        assert_eq!(s.gc(0).unwrap().pinned_kept, 1);
+        s.unpin(&pin);
+        assert_eq!(s.gc(0).unwrap().removed_chunks, 1);
+    }
+
+    #[test]
+    fn put_never_replaces_what_is_at_the_chunk_path() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let data = b"chunk";
+        let id = Digest::of(data);
+        let p = s.path(&id);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        // Something `exists()` does not see (a dangling link): put must leave it.
+        std::os::unix::fs::symlink("gone", &p).unwrap();
+        s.put(&id, data).unwrap();
+        assert!(
+            fs::symlink_metadata(&p).unwrap().file_type().is_symlink(),
+            "put replaced what was at the chunk path"
+        );
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn shared_tier_reads_are_bounded() {
+        let shared = tempfile::tempdir().unwrap();
+        let local = tempfile::tempdir().unwrap();
+        let s = with_shared_tier(local.path(), shared.path());
+        // An oversize file: refused from its size, never read.
+        let big = Digest::of(b"big");
+        let p = NodeStore::path_in(shared.path(), &big);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        File::create(&p).unwrap().set_len(1 << 40).unwrap();
+        assert!(s.get(&big).is_none());
+        // A FIFO feeding an endless stream: refused, not drained.
+        let endless = Digest::of(b"endless");
+        let p = NodeStore::path_in(shared.path(), &endless);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &p,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let p2 = p.clone();
+        let writer = std::thread::spawn(move || {
+            let mut f = fs::OpenOptions::new().write(true).open(&p2).unwrap();
+            let block = vec![7u8; 1 << 16];
+            let mut sent = 0u64;
+            while sent < 64 << 20 {
+                if f.write_all(&block).is_err() {
+                    break;
+                }
+                sent += block.len() as u64;
+            }
+            sent
+        });
+        assert!(s.get(&endless).is_none());
+        let sent = writer.join().unwrap();
+        assert!(
+            sent < (MAX_CHUNK as u64) * 4,
+            "read {sent} bytes of a file that can hold at most {MAX_CHUNK}"
+        );
+        assert!(fs::metadata(&p).is_ok(), "shared tier modified");
     }
 }

@@ -35,9 +35,10 @@ pub const MAX_MANIFEST: u64 = 4 << 20;
 /// Every manifest media type a client of ours asks for.
 pub const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
-/// Longest a range read may take (ranges are at most a few MiB): a hung registry must
-/// not hang a lazy mount's reader.
-pub const RANGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a read of a response may wait for its next bytes: a hung registry must not
+/// hang a lazy mount's reader, and a slow link must not fail a long download (so no
+/// limit on a whole transfer: a range answered by a whole pack is read to its end).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Most pages of a referrers listing followed (`Link: <..>; rel="next"`).
 const MAX_REFERRER_PAGES: usize = 64;
@@ -259,7 +260,7 @@ impl Client {
         let http = reqwest::Client::builder()
             .user_agent(concat!("tessera/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(15))
-            .read_timeout(Duration::from_secs(120))
+            .read_timeout(READ_TIMEOUT)
             .redirect(reqwest::redirect::Policy::limited(5))
             .build()
             .map_err(http_err)?;
@@ -555,9 +556,7 @@ impl Client {
     ) -> Result<RangeAnswer> {
         let url = format!("{}/blobs/{digest}", self.repo_url(repo));
         let range = format!("bytes={}-{}", offset, offset + len.max(1) - 1);
-        let req = Request::new(Method::GET, url, repo_scope(repo, false))
-            .header(RANGE, &range)?
-            .timeout(RANGE_TIMEOUT);
+        let req = Request::new(Method::GET, url, repo_scope(repo, false)).header(RANGE, &range)?;
         let resp = self.send(&req).await?;
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {

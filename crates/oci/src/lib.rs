@@ -63,6 +63,14 @@ impl OciError {
 
 pub type Result<T, E = OciError> = std::result::Result<T, E>;
 
+/// What [`Store::read_range_or_whole`] got.
+pub enum RangeRead {
+    /// The bytes asked for.
+    Range(Vec<u8>),
+    /// The whole blob (the store ignored the range), verified at its end.
+    Whole(Box<dyn Read + Send>),
+}
+
 /// A manifest fetched from a store, with its media type and digest.
 #[derive(Debug, Clone)]
 pub struct RawManifest {
@@ -82,11 +90,18 @@ pub trait Store: Send + Sync {
     fn open_blob(&self, digest: &Digest, size: u64) -> Result<Box<dyn Read + Send>>;
     /// Bytes `offset..offset+len` of a blob (unverified: callers verify chunk ids).
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>>;
-    /// Whether this store was seen answering a range read with the whole blob (a
-    /// registry that ignores `Range`): a reader of many ranges should then fetch the
-    /// blob once instead.
-    fn ignores_range(&self) -> bool {
-        false
+    /// Like [`Store::read_range`], but a store that answers the range request with the
+    /// whole blob (a registry ignoring `Range`) hands over that answer, a reader of the
+    /// whole blob of `size` bytes verified at its end, instead of skipping to the range:
+    /// a caller wanting many ranges of the blob then needs no other request.
+    fn read_range_or_whole(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        _size: u64,
+    ) -> Result<RangeRead> {
+        self.read_range(digest, offset, len).map(RangeRead::Range)
     }
     /// Whether the store holds the blob.
     fn has_blob(&self, digest: &Digest) -> Result<bool>;

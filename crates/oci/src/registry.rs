@@ -12,7 +12,6 @@ use reqwest::header::CONTENT_TYPE;
 use reqwest::{Method, StatusCode};
 use std::io::Read;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tessera_format::{media, Digest};
 
@@ -47,8 +46,6 @@ pub struct Registry {
     repo: String,
     /// Whether the registry answers the tessera chunk query (learned on first use).
     chunk_index: Arc<Mutex<Option<bool>>>,
-    /// The registry answered a `Range` request with the whole blob.
-    ignores_range: Arc<AtomicBool>,
 }
 
 impl Registry {
@@ -58,7 +55,6 @@ impl Registry {
             client: Arc::new(Client::new(host, plain_http, opts)?),
             repo: repo.to_string(),
             chunk_index: Arc::new(Mutex::new(None)),
-            ignores_range: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -68,7 +64,6 @@ impl Registry {
             client: self.client.clone(),
             repo: repo.to_string(),
             chunk_index: self.chunk_index.clone(),
-            ignores_range: self.ignores_range.clone(),
         }
     }
 
@@ -137,13 +132,8 @@ impl Store for Registry {
         match block_on(self.client.blob_range(&self.repo, digest, offset, len))? {
             RangeAnswer::Partial(b) => Ok(b.to_vec()),
             RangeAnswer::Whole(resp) => {
-                // The registry ignored Range: say so once, and skip to the offset.
-                if !self.ignores_range.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        registry = %self.host(),
-                        "the registry ignores HTTP Range requests: every range read downloads the blob from its start"
-                    );
-                }
+                // The registry ignored Range: skip to the offset (a reader of many
+                // ranges uses `read_range_or_whole` and keeps the whole blob instead).
                 let mut r = body_reader(resp);
                 std::io::copy(&mut (&mut r).take(offset), &mut std::io::sink())
                     .map_err(|e| OciError::io("reading a blob", e))?;
@@ -162,8 +152,32 @@ impl Store for Registry {
         }
     }
 
-    fn ignores_range(&self) -> bool {
-        self.ignores_range.load(Ordering::Relaxed)
+    fn read_range_or_whole(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        size: u64,
+    ) -> Result<crate::RangeRead> {
+        if len == 0 {
+            return Ok(crate::RangeRead::Range(Vec::new()));
+        }
+        match block_on(self.client.blob_range(&self.repo, digest, offset, len))? {
+            RangeAnswer::Partial(b) => Ok(crate::RangeRead::Range(b.to_vec())),
+            RangeAnswer::Whole(resp) => {
+                tracing::warn!(
+                    registry = %self.host(),
+                    %digest,
+                    "the registry ignores HTTP Range requests: reading the whole blob"
+                );
+                Ok(crate::RangeRead::Whole(Box::new(VerifyingReader::new(
+                    body_reader(resp),
+                    *digest,
+                    size,
+                    format!("blob {digest}"),
+                ))))
+            }
+        }
     }
 
     fn has_blob(&self, digest: &Digest) -> Result<bool> {

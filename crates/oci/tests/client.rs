@@ -15,7 +15,7 @@ use tessera_format::Digest;
 use tessera_oci::auth::Credentials;
 use tessera_oci::client::{Body, Client, ClientOptions};
 use tessera_oci::registry::{runtime, Registry};
-use tessera_oci::{OciError, Store};
+use tessera_oci::{OciError, RangeRead, Store};
 
 #[derive(Default)]
 struct Fake {
@@ -275,7 +275,7 @@ fn transient_answers_are_retried_and_others_are_not() {
 }
 
 #[test]
-fn a_registry_that_ignores_range_is_noticed() {
+fn a_registry_that_ignores_range_hands_over_the_whole_blob() {
     let s = start();
     let data: Vec<u8> = (0..100_000u32).map(|x| (x % 251) as u8).collect();
     let d = Digest::of(&data);
@@ -285,15 +285,40 @@ fn a_registry_that_ignores_range_is_noticed() {
         .unwrap()
         .insert(d.to_string(), data.clone());
     let reg = Registry::new(&s.addr, "repo", true, &ClientOptions::default()).unwrap();
-    assert_eq!(reg.read_range(&d, 10, 5).unwrap(), data[10..15].to_vec());
-    assert!(!reg.ignores_range());
+    let size = data.len() as u64;
+    match reg.read_range_or_whole(&d, 10, 5, size).unwrap() {
+        RangeRead::Range(b) => assert_eq!(b, data[10..15].to_vec()),
+        RangeRead::Whole(_) => panic!("a 206 answer became a whole blob"),
+    }
     *s.fake.ignore_range.lock().unwrap() = true;
-    // Still the right bytes, and the store now says so.
+    // read_range still gives the right bytes...
     assert_eq!(
         reg.read_range(&d, 50_000, 7).unwrap(),
         data[50_000..50_007].to_vec()
     );
-    assert!(reg.ignores_range());
+    // ...and read_range_or_whole hands over the whole blob, verified.
+    match reg.read_range_or_whole(&d, 50_000, 7, size).unwrap() {
+        RangeRead::Whole(mut r) => {
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut r, &mut all).unwrap();
+            assert_eq!(all, data);
+        }
+        RangeRead::Range(_) => panic!("the 200 answer was not noticed"),
+    }
+    // A whole blob that does not match its digest fails at its end.
+    let other = Digest::of(b"other");
+    s.fake
+        .blobs
+        .lock()
+        .unwrap()
+        .insert(other.to_string(), data.clone());
+    match reg.read_range_or_whole(&other, 0, 5, size).unwrap() {
+        RangeRead::Whole(mut r) => {
+            let e = std::io::Read::read_to_end(&mut r, &mut Vec::new()).unwrap_err();
+            assert!(e.to_string().contains("digest mismatch"), "{e}");
+        }
+        RangeRead::Range(_) => panic!("the 200 answer was not noticed"),
+    }
 }
 
 #[test]

@@ -1,0 +1,506 @@
+//! The lifecycle of mounts: what one mount is asked to be ([`MountSpec`], also what the
+//! node daemon receives over its socket), bringing it up over a node store ([`start`]),
+//! publishing its counters while it runs, and letting go of it once it is unmounted
+//! ([`Job::wait`]). The command line and the node daemon ([`crate::daemon`]) both use it.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tessera_image::{ImageError, TesseraImage};
+use tessera_oci::registry::ClientOptions;
+use tessera_oci::{ImageRef, OciError, Store};
+
+use crate::fetch::{FetchOptions, Fetcher};
+use crate::store::{MountInfo, NodeStore};
+use crate::{Access, ImageFs, MountError, Writable};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("opening {reference}: {source}")]
+    Open {
+        reference: String,
+        source: ImageError,
+    },
+    #[error("reading the profile {path}: {source}")]
+    Profile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("registering the mount in the node store: {0}")]
+    Pin(std::io::Error),
+    #[error("{context}: {source}")]
+    Thread {
+        context: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("mounting {reference} on {dir}: {why}")]
+    Failed {
+        reference: String,
+        dir: String,
+        why: String,
+    },
+    #[error("{0}")]
+    Ended(String),
+}
+
+/// How to reach the registry an image comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryOptions {
+    /// Plain HTTP for registries that are not on loopback.
+    #[serde(default)]
+    pub plain_http: bool,
+    /// Credentials `USER:PASSWORD` (default: ~/.docker/config.json).
+    #[serde(default)]
+    pub creds: Option<String>,
+    /// Platform to pick from a multi-platform image (`os/arch`).
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
+impl RegistryOptions {
+    /// The store `reference` names, and the tag (or digest) in it.
+    pub fn open(&self, reference: &str) -> Result<(Box<dyn Store>, String), OciError> {
+        let r = ImageRef::parse(reference, self.plain_http)?;
+        let opts = ClientOptions {
+            creds: self.creds.clone(),
+            ..ClientOptions::default()
+        };
+        let (store, tag) = tessera_oci::open(&r, &opts)?;
+        Ok((store, tag.unwrap_or_default()))
+    }
+
+    /// The tessera image `reference` names (the platform from `platform`, or this
+    /// machine's).
+    pub fn open_image(
+        &self,
+        reference: &str,
+    ) -> Result<(Box<dyn Store>, TesseraImage), SessionError> {
+        let err = |source| SessionError::Open {
+            reference: reference.to_string(),
+            source,
+        };
+        let (store, tag) = self.open(reference).map_err(|e| err(ImageError::from(e)))?;
+        let platform = self
+            .platform
+            .clone()
+            .unwrap_or_else(tessera_image::default_platform);
+        let img = TesseraImage::open(store.as_ref(), &tag, &platform).map_err(err)?;
+        Ok((store, img))
+    }
+}
+
+/// A size, or `auto`: chosen by the mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SizeOrAuto {
+    Auto,
+    Size(u64),
+}
+
+/// How one image is mounted (what `tessera mount` options say; also what a client sends
+/// the node daemon). Paths are taken as they are: make them absolute for a daemon that
+/// runs elsewhere ([`MountSpec::absolute`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// Threads serving FUSE requests.
+    pub threads: usize,
+    /// Copy-on-write root: overlayfs over the image with a private upper directory.
+    pub writable: bool,
+    /// With `writable`: the directory holding upper/, work/ and lower/, kept after
+    /// unmount (None: a fresh one under the node store, removed on unmount).
+    pub upper: Option<PathBuf>,
+    /// Who may use the mount, and whether setuid bits and device nodes count.
+    #[serde(flatten)]
+    pub access: Access,
+    /// Seconds a read waits for the registry (retrying) before EIO.
+    pub fetch_timeout: u64,
+    pub readahead: u64,
+    pub amplify: u64,
+    pub kernel_readahead: SizeOrAuto,
+    pub fetch_workers: usize,
+    pub passthrough_min: u64,
+    pub no_passthrough: bool,
+    pub prefetch: bool,
+    pub prefetch_profile: Option<PathBuf>,
+    pub record_profile: Option<PathBuf>,
+    pub no_profile: bool,
+    pub profile_workload: Option<String>,
+    pub reg: RegistryOptions,
+}
+
+impl Default for MountSpec {
+    fn default() -> Self {
+        MountSpec {
+            threads: 4,
+            writable: false,
+            upper: None,
+            access: Access::default(),
+            fetch_timeout: 30,
+            readahead: 4 << 20,
+            amplify: 128 << 10,
+            kernel_readahead: SizeOrAuto::Auto,
+            fetch_workers: 4,
+            passthrough_min: crate::PASSTHROUGH_MIN,
+            no_passthrough: false,
+            prefetch: false,
+            prefetch_profile: None,
+            record_profile: None,
+            no_profile: false,
+            profile_workload: None,
+            reg: RegistryOptions::default(),
+        }
+    }
+}
+
+impl MountSpec {
+    /// Thread counts kept sane (they may come from a client of the daemon).
+    pub fn clamp(&mut self) {
+        self.threads = self.threads.clamp(1, 64);
+        self.fetch_workers = self.fetch_workers.min(64);
+    }
+
+    /// Paths made absolute against `cwd` (for a daemon that runs elsewhere).
+    pub fn absolute(mut self, cwd: &Path) -> MountSpec {
+        for p in [
+            &mut self.upper,
+            &mut self.prefetch_profile,
+            &mut self.record_profile,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = cwd.join(&*p);
+            }
+        }
+        self
+    }
+}
+
+/// One image being served.
+pub struct Job {
+    pub reference: String,
+    pub dir: PathBuf,
+    fetcher: Arc<Fetcher>,
+    pin: PathBuf,
+    info: MountInfo,
+    /// A fresh copy-on-write directory (no `upper`): removed once unmounted.
+    scratch: Option<Writable>,
+    /// Set (under the lock) when the pin goes: the counters are not published again.
+    finished: Mutex<bool>,
+}
+
+/// The thread serving a mount's FUSE session; it ends when the mount is unmounted.
+pub type Session = std::thread::JoinHandle<Result<(), MountError>>;
+
+impl Job {
+    /// Publish the mount's counters beside its pin.
+    pub fn publish(&self, store: &NodeStore) {
+        let finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        if *finished {
+            return;
+        }
+        let mut info = self.info.clone();
+        info.counters = self.fetcher.counters_json();
+        let _ = store.publish(&self.pin, &info);
+    }
+
+    /// Wait until the mount is unmounted, then let go of it: pending chunks and seals
+    /// are written, the pin is dropped.
+    pub fn wait(&self, session: Session, store: &NodeStore) -> Result<(), SessionError> {
+        let r = match session.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SessionError::Ended(format!("{}: {e}", self.reference))),
+            Err(_) => Err(SessionError::Ended(format!(
+                "{}: the mount thread panicked",
+                self.reference
+            ))),
+        };
+        self.finish(store);
+        r
+    }
+
+    fn finish(&self, store: &NodeStore) {
+        self.fetcher.close();
+        *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        tracing::info!(image = %self.reference, dir = %self.dir.display(), counters = %self.fetcher.counters_json(), "unmounted");
+        store.unpin(&self.pin);
+        if let Some(w) = &self.scratch {
+            if let Err(e) = w.remove() {
+                tracing::warn!(error = %e, "cannot remove the mount's copy-on-write directory");
+            }
+        }
+    }
+}
+
+/// Mount `reference` on `dir` as `o` says, over `store`, serving it from a thread of this
+/// process; returns once the mount is in place. `n` numbers the mounts of this process
+/// (for the profiles and `upper` directories of second and later mounts).
+pub fn start(
+    reference: &str,
+    dir: &Path,
+    n: usize,
+    o: &MountSpec,
+    store: &Arc<NodeStore>,
+) -> Result<(Arc<Job>, Session), SessionError> {
+    let mut fetch = FetchOptions {
+        max_wait: Duration::from_secs(o.fetch_timeout),
+        readahead: o.readahead,
+        workers: o.fetch_workers,
+        amplify: o.amplify,
+        ..FetchOptions::default()
+    };
+    let profile = match &o.prefetch_profile {
+        Some(p) => std::fs::read(p).map_err(|source| SessionError::Profile {
+            path: p.display().to_string(),
+            source,
+        })?,
+        None => Vec::new(),
+    };
+    let (source, img) = o.reg.open_image(reference)?;
+    // The index download is the mount's bandwidth sample (see FetchOptions).
+    let rate = img.index_desc.size as f64 / img.index_fetch.as_secs_f64().max(1e-6);
+    tracing::info!(image = %reference, index_bytes = img.index_desc.size, bytes_per_s = rate as u64, "index fetched");
+    let img = Arc::new(img);
+    if img.index_desc.size >= 64 << 10 {
+        fetch.link_rate = Some(rate);
+    }
+    let fast_link = fetch.link_rate.is_some_and(|r| r >= fetch.amplify_min_rate);
+    let fetcher = Fetcher::start(img.clone(), source, store.clone(), fetch);
+    // Until the mount is up, an error stops the fetcher's threads (a daemon lives on).
+    let guard = CloseOnError(Some(fetcher.clone()));
+    let mut fs = ImageFs::new(fetcher.clone(), img.clone(), o.readahead);
+    let kernel_readahead = match o.kernel_readahead {
+        SizeOrAuto::Size(n) => n,
+        SizeOrAuto::Auto if fast_link => 128 << 10,
+        SizeOrAuto::Auto => 16 << 10,
+    };
+    fs.set_kernel_readahead(kernel_readahead.min(u32::MAX as u64) as u32);
+    fs.set_passthrough((!o.no_passthrough).then_some(o.passthrough_min));
+    if let Some(p) = &o.record_profile {
+        // One profile per mount: the second image's goes to FILE.1, and so on.
+        let p = if n == 0 {
+            p.clone()
+        } else {
+            p.with_extension(format!("{n}"))
+        };
+        fs.record_profile(&p)?;
+    }
+    if !profile.is_empty() {
+        let queued = fs.prefetch(&profile, o.prefetch);
+        tracing::info!(image = %reference, chunks = queued, "prefetch queued");
+    } else if o.no_profile || o.prefetch_profile.is_some() {
+        if o.prefetch {
+            let queued = fs.prefetch(&[], true);
+            tracing::info!(image = %reference, chunks = queued, "prefetch queued");
+        }
+    } else {
+        // Look for a stored profile while the mount comes up: mounting does not wait.
+        let pf = fs.prefetcher();
+        let (r, reg) = (reference.to_string(), o.reg.clone());
+        let subject = img.manifest_desc.sha256().map_err(|e| SessionError::Open {
+            reference: reference.to_string(),
+            source: e.into(),
+        })?;
+        let (whole, workload) = (o.prefetch, o.profile_workload.clone());
+        std::thread::Builder::new()
+            .name("tessera-profile".into())
+            .spawn(move || {
+                let found = reg
+                    .open(&r)
+                    .and_then(|(store, _)| {
+                        crate::profile::fetch_latest(store.as_ref(), &subject, workload.as_deref())
+                    })
+                    .map_err(|e| e.to_string());
+                let text = match found {
+                    Ok(Some((digest, text))) => {
+                        tracing::info!(image = %r, profile = %digest, bytes = text.len(), "prefetching the image's stored read profile");
+                        text
+                    }
+                    Ok(None) => {
+                        tracing::debug!(image = %r, "no read profile stored with the image");
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        tracing::warn!(image = %r, error = %e, "cannot look up a stored read profile; mounting without one");
+                        Vec::new()
+                    }
+                };
+                if !text.is_empty() || whole {
+                    let queued = pf.prefetch(&text, whole);
+                    tracing::info!(image = %r, chunks = queued, "prefetch queued");
+                }
+            })
+            .map_err(|source| SessionError::Thread {
+                context: "starting the profile lookup",
+                source,
+            })?;
+    }
+    // Relative paths are made absolute here, so `tessera umount` finds both mounts.
+    let (writable, scratch) = match (&o.upper, o.writable) {
+        (_, false) => (None, None),
+        (Some(u), true) if n == 0 => (Some(Writable::new(u)?), None),
+        (Some(u), true) => (Some(Writable::new(&u.join(format!("{n}")))?), None),
+        (None, true) => {
+            let w = Writable::fresh_in(&store.dir().join("overlays"))?;
+            (Some(w.clone()), Some(w))
+        }
+    };
+    // Chunks and the sealed files of this image stay while it is mounted.
+    let mut ids: Vec<_> = img.index.chunks.iter().map(|c| c.id).collect();
+    let chunk_count = ids.len() as u64;
+    ids.extend(fs.sealed_keys());
+    let info = MountInfo {
+        pid: std::process::id(),
+        reference: reference.to_string(),
+        manifest: img.manifest_desc.digest.clone(),
+        dir: dir.display().to_string(),
+        chunks: chunk_count,
+        counters: serde_json::Value::Null,
+    };
+    let pin = match store.pin(&ids, &info) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(w) = &scratch {
+                let _ = w.remove();
+            }
+            return Err(SessionError::Pin(e));
+        }
+    };
+    let access = o.access;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (d2, threads) = (dir.to_path_buf(), o.threads);
+    let spawned = std::thread::Builder::new()
+        .name(format!("tessera-mount-{n}"))
+        .spawn(move || {
+            let tx = ready_tx.clone();
+            let r = crate::serve(fs, &d2, threads, writable.as_ref(), access, move || {
+                let _ = tx.send(Ok(()));
+            });
+            if let Err(e) = &r {
+                let _ = ready_tx.send(Err(e.to_string()));
+            }
+            r
+        });
+    drop(guard.disarm());
+    let job = Arc::new(Job {
+        reference: reference.to_string(),
+        dir: dir.to_path_buf(),
+        fetcher,
+        pin,
+        info,
+        scratch,
+        finished: Default::default(),
+    });
+    let failed = |why: String| SessionError::Failed {
+        reference: reference.to_string(),
+        dir: dir.display().to_string(),
+        why,
+    };
+    let session = match spawned {
+        Ok(h) => h,
+        Err(source) => {
+            job.finish(store);
+            return Err(SessionError::Thread {
+                context: "starting a mount thread",
+                source,
+            });
+        }
+    };
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok((job, session)),
+        Ok(Err(e)) => {
+            let _ = job.wait(session, store);
+            Err(failed(e))
+        }
+        Err(_) => {
+            let e = job.wait(session, store).err();
+            Err(failed(e.map_or_else(
+                || "the mount thread ended before mounting".to_string(),
+                |e| e.to_string(),
+            )))
+        }
+    }
+}
+
+/// Closes a fetcher when dropped, unless disarmed.
+struct CloseOnError(Option<Arc<Fetcher>>);
+
+impl CloseOnError {
+    fn disarm(mut self) -> Option<Arc<Fetcher>> {
+        self.0.take()
+    }
+}
+
+impl Drop for CloseOnError {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f.close();
+        }
+    }
+}
+
+/// Mounts a process serves.
+pub type Jobs = Arc<Mutex<Vec<Arc<Job>>>>;
+
+/// Publish every live mount's counters every half second until `done`.
+pub fn publisher(
+    store: Arc<NodeStore>,
+    jobs: Jobs,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !done.load(Ordering::Relaxed) {
+            let list = jobs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for j in list {
+                j.publish(&store);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })
+}
+
+/// Mount every (reference, directory) of `targets` as `spec` says and serve them from
+/// this process until each is unmounted; `mounted` is called as each comes up. If one
+/// cannot be mounted, those already up are unmounted and the error returned.
+pub fn serve_all(
+    targets: &[(String, PathBuf)],
+    spec: &MountSpec,
+    store: &Arc<NodeStore>,
+    mut mounted: impl FnMut(&str, &Path),
+) -> Result<(), SessionError> {
+    let mut running: Vec<(Arc<Job>, Session)> = Vec::new();
+    for (n, (reference, dir)) in targets.iter().enumerate() {
+        match start(reference, dir, n, spec, store) {
+            Ok(r) => {
+                mounted(reference, dir);
+                running.push(r);
+            }
+            Err(e) => {
+                for (j, session) in running {
+                    let _ = crate::unmount(&j.dir);
+                    let _ = j.wait(session, store);
+                }
+                return Err(e);
+            }
+        }
+    }
+    let jobs: Jobs = Arc::new(Mutex::new(running.iter().map(|(j, _)| j.clone()).collect()));
+    let done = Arc::new(AtomicBool::new(false));
+    let publisher = publisher(store.clone(), jobs, done.clone());
+    let mut errors = Vec::new();
+    for (j, session) in running {
+        if let Err(e) = j.wait(session, store) {
+            errors.push(e.to_string());
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    let _ = publisher.join();
+    if !errors.is_empty() {
+        return Err(SessionError::Ended(errors.join("; ")));
+    }
+    Ok(())
+}
