@@ -250,6 +250,13 @@ struct ServeArgs {
     /// Serve /metrics without credentials even when --htpasswd is set.
     #[arg(long)]
     metrics_public: bool,
+    /// Lifetime of the bearer tokens /token issues, with --htpasswd [default: 300].
+    #[arg(long, value_name = "SECS")]
+    token_ttl: Option<u64>,
+    /// Realm named in bearer challenges, for a registry behind a reverse proxy
+    /// [default: http(s)://HOST/token, HOST as the client addressed us].
+    #[arg(long, value_name = "URL")]
+    token_realm: Option<String>,
 }
 
 fn serve(args: &ServeArgs) -> Result<i32> {
@@ -296,6 +303,12 @@ fn serve(args: &ServeArgs) -> Result<i32> {
     }
     if args.metrics_public {
         cfg.metrics_public = true;
+    }
+    if let Some(v) = args.token_ttl {
+        cfg.token_ttl_secs = v;
+    }
+    if let Some(v) = &args.token_realm {
+        cfg.token_realm = Some(v.clone());
     }
     for u in &args.upstream {
         cfg.upstream

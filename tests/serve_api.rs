@@ -162,9 +162,13 @@ fn write_htpasswd() -> (tempfile::TempDir, std::path::PathBuf) {
 
 #[track_caller]
 fn assert_challenge(r: reqwest::blocking::Response, what: &str) {
+    // A bearer challenge sends the client to the token endpoint (Docker gives up on a
+    // Basic one when it has no credentials); Basic credentials are still accepted.
     let auth = header(&r, "www-authenticate").unwrap_or_default();
     assert!(
-        auth.starts_with("Basic ") && auth.contains("realm="),
+        auth.starts_with("Bearer ")
+            && auth.contains("/token\"")
+            && auth.contains("service=\"tessera\""),
         "{what}: WWW-Authenticate {auth:?}"
     );
     assert_error(r, 401, &["UNAUTHORIZED"]);
@@ -279,6 +283,143 @@ fn c01_access_rules_unauthorized_and_denied() {
     };
     assert_error(del("bob"), 403, &["DENIED"]);
     expect_status(del("alice"), 202, "alice delete");
+}
+
+/// The Docker token protocol: `/token` issues anonymous tokens for what anonymous may
+/// do and user tokens for basic credentials; a token grants only the rules' share of
+/// what it asked for; a token that lacks a scope gets a 401 naming it; forged and
+/// wrong-password requests are refused.
+#[test]
+fn c01_bearer_tokens_from_the_token_endpoint() {
+    let (d, htpasswd) = write_htpasswd();
+    let cfg = d.path().join("registry.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "htpasswd = {:?}\ntoken_ttl_secs = 60\n\n[[access]]\naccount = \"anonymous\"\nrepository = \"public/*\"\nactions = [\"pull\"]\n\n[[access]]\naccount = \"alice\"\nrepository = \"*\"\nactions = [\"pull\", \"push\"]\n",
+            htpasswd.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let s = TesseraServe::start_args(&["--config", cfg.to_str().unwrap()]);
+    let token = |scope: &str, user: Option<(&str, &str)>| {
+        let mut rq = s
+            .client
+            .get(s.url("/token"))
+            .query(&[("service", "tessera"), ("scope", scope)]);
+        if let Some((u, p)) = user {
+            rq = rq.basic_auth(u, Some(p));
+        }
+        rq.send().unwrap()
+    };
+    let bearer = |r: reqwest::blocking::Response| -> String {
+        let r = expect_status(r, 200, "token");
+        let v: serde_json::Value = r.json().unwrap();
+        assert_eq!(v["expires_in"], 60, "{v}");
+        assert_eq!(v["token"], v["access_token"], "{v}");
+        assert!(v["issued_at"].as_str().unwrap().ends_with('Z'), "{v}");
+        v["token"].as_str().unwrap().to_string()
+    };
+    // alice pushes a blob to public/app with a token she got for her password.
+    let data = b"layer".to_vec();
+    let dg = sha(&data);
+    let alice = bearer(token(
+        "repository:public/app:pull,push",
+        Some(("alice", "s3cret")),
+    ));
+    let r = s
+        .client
+        .post(with_query(
+            &s.url("/v2/public/app/blobs/uploads/"),
+            "digest",
+            &dg,
+        ))
+        .bearer_auth(&alice)
+        .body(data.clone())
+        .send()
+        .unwrap();
+    expect_status(r, 201, "alice pushes with a token");
+    // The ping takes any valid token; an anonymous one pulls public/app.
+    let anon = bearer(token("repository:public/app:pull,push", None));
+    let r = s
+        .client
+        .get(s.url("/v2/"))
+        .bearer_auth(&anon)
+        .send()
+        .unwrap();
+    expect_status(r, 200, "ping with an anonymous token");
+    let get = |repo: &str, tok: &str| {
+        s.client
+            .get(s.url(&format!("/v2/{repo}/blobs/{dg}")))
+            .bearer_auth(tok)
+            .send()
+            .unwrap()
+    };
+    expect_status(
+        get("public/app", &anon),
+        200,
+        "anonymous token pulls public",
+    );
+    // ...but it was not granted push, and is told which scope it lacks.
+    let r = s
+        .client
+        .post(s.url("/v2/public/app/blobs/uploads/"))
+        .bearer_auth(&anon)
+        .body(Vec::new())
+        .send()
+        .unwrap();
+    let chal = header(&r, "www-authenticate").unwrap_or_default();
+    assert!(
+        chal.contains("scope=\"repository:public/app:pull,push\"")
+            && chal.contains("insufficient_scope"),
+        "{chal}"
+    );
+    assert_error(r, 401, &["DENIED"]);
+    // A token for one repository is no use for another.
+    let r = get("public/other", &anon);
+    assert_eq!(r.status(), 401);
+    // Wrong password: no token. Forged or altered tokens: refused.
+    let r = token("repository:public/app:pull", Some(("alice", "wrong")));
+    assert_error(r, 401, &["UNAUTHORIZED"]);
+    let mut forged = alice.clone();
+    forged.insert(
+        5,
+        if forged.as_bytes()[5] == b'A' {
+            'B'
+        } else {
+            'A'
+        },
+    );
+    assert_challenge(get("public/app", &forged), "altered token");
+    assert_challenge(get("public/app", "not-a-token"), "junk token");
+    // OAuth2 password grant (POST /token), as some clients log in.
+    let r = s
+        .client
+        .post(s.url("/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("username", "alice"),
+            ("password", "s3cret"),
+            ("service", "tessera"),
+            ("scope", "repository:private/x:pull"),
+        ])
+        .send()
+        .unwrap();
+    let tok = bearer(r);
+    let r = s
+        .client
+        .get(s.url("/v2/private/x/tags/list"))
+        .bearer_auth(&tok)
+        .send()
+        .unwrap();
+    assert_ne!(r.status(), 401, "alice's token reaches private/x");
+    assert_ne!(r.status(), 403);
+    // Invalid scopes are refused outright.
+    let r = token("repository:UPPER:pull", None);
+    assert_eq!(r.status(), 400);
+    // Without auth there is no token endpoint.
+    let open = TesseraServe::start();
+    assert_error(open.get("/token"), 404, &["UNSUPPORTED"]);
 }
 
 // ---- C.2 names ------------------------------------------------------------------------

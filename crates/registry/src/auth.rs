@@ -41,6 +41,9 @@ pub enum Decision {
     Challenge,
     /// Valid credentials without the right: 403.
     Deny,
+    /// A valid bearer token that does not grant this: 401 naming the scope needed, so
+    /// the client can ask for a token that does (and gives up when it gets none).
+    InsufficientScope,
 }
 
 impl Auth {

@@ -37,6 +37,11 @@ pub struct Config {
     pub max_connections: usize,
     /// With an htpasswd file, `/metrics` needs an authenticated account unless this is true.
     pub metrics_public: bool,
+    /// Lifetime of the bearer tokens `/token` issues (with an htpasswd file).
+    pub token_ttl_secs: u64,
+    /// The realm named in bearer challenges, for a registry behind a reverse proxy
+    /// (default: `http[s]://HOST/token` with the Host the client asked for).
+    pub token_realm: Option<String>,
     /// Pull-through upstreams.
     pub upstream: Vec<UpstreamConfig>,
     /// Convert every plain image pushed (or pulled through) into its tessera twin,
@@ -62,6 +67,8 @@ impl Default for Config {
             idle_timeout_secs: 120,
             max_connections: 512,
             metrics_public: false,
+            token_ttl_secs: 300,
+            token_realm: None,
             upstream: Vec::new(),
             convert_on_push: false,
         }
@@ -176,6 +183,11 @@ impl Config {
         if !self.access.is_empty() && self.htpasswd.is_none() {
             return Err(ConfigError::Invalid(
                 "[[access]] rules need an htpasswd file (htpasswd = \"...\" or --htpasswd)".into(),
+            ));
+        }
+        if self.token_ttl_secs < 10 {
+            return Err(ConfigError::Invalid(
+                "token_ttl_secs must be at least 10".into(),
             ));
         }
         if self.header_read_timeout_secs == 0

@@ -7,7 +7,7 @@ use crate::config::Action;
 use crate::error::{ApiError, Code, StoreError};
 use crate::meta::ChunkHit;
 use crate::names::BlobDigest;
-use crate::state::{challenge, Registry, Shared};
+use crate::state::{Registry, Shared};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -196,7 +196,7 @@ async fn answer(
     body: axum::body::Bytes,
 ) -> Result<ChunkAnswer, ApiError> {
     if reg.auth.is_some() && !reg.may(&headers, None, Action::Pull) {
-        return Err(challenge());
+        return Err(reg.challenge(&headers, None));
     }
     let q: ChunkQuery = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(

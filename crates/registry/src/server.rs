@@ -2,14 +2,14 @@
 //! behind the access check), request metrics and logging, and start-up and shutdown.
 
 use crate::api;
-use crate::auth::Identity;
 use crate::config::Config;
 use crate::conn::{Limited, Limits, MakeConn};
 use crate::error::{ApiError, Code, ServeError};
 use crate::ext;
 use crate::metrics::{RequestLabels, RouteLabels};
 use crate::routes::{parse_route, required_action};
-use crate::state::{challenge, Registry, Shared};
+use crate::state::{Registry, Shared};
+use crate::token;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -74,12 +74,10 @@ async fn v2(State(reg): State<Shared>, req: Request) -> Response {
 
 async fn metrics_handler(State(reg): State<Shared>, headers: HeaderMap) -> Response {
     // With auth on, metrics are for accounts only unless `metrics_public` says otherwise.
-    if let Some(a) = reg.auth.as_ref().filter(|_| !reg.config.metrics_public) {
-        let hdr = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if reg.auth.is_some() && !reg.config.metrics_public {
         // bcrypt takes tens of milliseconds: keep it off the async worker threads.
-        let who = tokio::task::block_in_place(|| a.identify(hdr));
-        if !matches!(who, Some(Identity::User(_))) {
-            return challenge().into_response();
+        if !tokio::task::block_in_place(|| reg.is_account(&headers)) {
+            return reg.challenge(&headers, None).into_response();
         }
     }
     if let Ok((chunks, _)) = reg.meta.stats() {
@@ -142,12 +140,92 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
     .into_response()
 }
 
+/// `GET /token` (Docker token protocol) and `POST /token` (OAuth2 password grant).
+async fn token_handler(
+    State(reg): State<Shared>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let (Some(a), Some(issuer)) = (reg.auth.as_ref(), reg.tokens.as_ref()) else {
+        return ApiError::new(
+            Code::Unsupported,
+            "this registry runs without auth (no htpasswd file): it issues no tokens and needs none",
+        )
+        .status(StatusCode::NOT_FOUND)
+        .into_response();
+    };
+    let mut scopes: Vec<String> = Vec::new();
+    let mut basic: Option<String> = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let query: Vec<(String, String)> =
+        serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default();
+    scopes.extend(
+        query
+            .iter()
+            .filter(|(k, _)| k == "scope")
+            .map(|(_, v)| v.clone()),
+    );
+    if method == axum::http::Method::POST {
+        let form: token::OAuthForm = match serde_urlencoded::from_bytes(&body) {
+            Ok(f) => f,
+            Err(e) => {
+                return ApiError::new(Code::Unsupported, format!("token request form: {e}"))
+                    .status(StatusCode::BAD_REQUEST)
+                    .into_response()
+            }
+        };
+        if form.grant_type.as_deref() != Some("password") {
+            return ApiError::new(
+                Code::Unsupported,
+                "only grant_type=password is supported (or GET /token with Basic credentials)",
+            )
+            .status(StatusCode::BAD_REQUEST)
+            .into_response();
+        }
+        let user = form.username.unwrap_or_default();
+        let pass = form.password.unwrap_or_default();
+        basic = Some(tessera_oci::auth::Credentials::new(user, pass).basic_header());
+        scopes.extend(form.scope);
+    }
+    let scopes = match token::parse_scopes(scopes.iter().map(String::as_str)) {
+        Ok(s) => s,
+        Err(e) => {
+            return ApiError::new(Code::Unsupported, e.to_string())
+                .status(StatusCode::BAD_REQUEST)
+                .into_response()
+        }
+    };
+    // bcrypt takes tens of milliseconds: keep it off the async worker threads.
+    let who = tokio::task::block_in_place(|| a.identify(basic.as_deref()));
+    let Some(who) = who else {
+        return ApiError::new(
+            Code::Unauthorized,
+            "wrong user name or password for this registry's htpasswd file",
+        )
+        .header("www-authenticate", "Basic realm=\"tessera\"")
+        .into_response();
+    };
+    let issued = issuer.issue(a, &who, &scopes);
+    tracing::debug!(account = ?who, scopes = scopes.len(), "token issued");
+    axum::Json(issued).into_response()
+}
+
 /// The HTTP application (also used by tests in-process).
 pub fn router(reg: Shared) -> axum::Router {
     axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(metrics_handler).fallback(method_not_allowed),
+        )
+        .route(
+            "/token",
+            axum::routing::get(token_handler)
+                .post(token_handler)
+                .fallback(method_not_allowed),
         )
         .route(
             "/tessera/v1/chunks",

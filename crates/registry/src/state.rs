@@ -2,7 +2,7 @@
 //! upstreams, shared by every request ([`Shared`]), and the bookkeeping of upload
 //! sessions that only lives in memory.
 
-use crate::auth::{self, Auth, Decision};
+use crate::auth::{Auth, Decision, Identity};
 use crate::backend::{Backend, FsBackend};
 use crate::config::{Action, Config};
 use crate::error::{ApiError, Code, ServeError, StoreError};
@@ -10,6 +10,7 @@ use crate::meta::{self, Meta};
 use crate::metrics::Metrics;
 use crate::names::{self, DigestHasher};
 use crate::routes::Route;
+use crate::token::{self, Claims, TokenIssuer};
 use crate::upstream::Proxy;
 use axum::http::{HeaderMap, StatusCode};
 use std::collections::HashMap;
@@ -27,6 +28,8 @@ pub struct Registry {
     pub backend: Arc<dyn Backend>,
     pub meta: Meta,
     pub auth: Option<Auth>,
+    /// The bearer-token issuer (with auth only).
+    pub tokens: Option<TokenIssuer>,
     pub metrics: Metrics,
     pub proxy: Proxy,
     hashers: Mutex<Hashers>,
@@ -53,12 +56,23 @@ impl Registry {
             Some(p) => Some(Auth::load(p, config.access.clone())?),
             None => None,
         };
+        let tokens = match &auth {
+            Some(_) => Some(
+                TokenIssuer::load_or_create(
+                    &config.root,
+                    std::time::Duration::from_secs(config.token_ttl_secs),
+                )
+                .map_err(|e| StoreError::io(config.root.join("token.key").display(), e))?,
+            ),
+            None => None,
+        };
         let proxy = Proxy::new(&config.upstream).map_err(ServeError::Upstream)?;
         let reg = Registry {
             config,
             backend,
             meta,
             auth,
+            tokens,
             metrics: Metrics::new(),
             proxy,
             hashers: Mutex::new(HashMap::new()),
@@ -154,18 +168,78 @@ impl Registry {
         Ok(n)
     }
 
+    /// Who the `Authorization` header says the caller is: None for bad credentials
+    /// (a wrong password, a forged or expired token).
+    pub(crate) fn caller(&self, a: &Auth, header: Option<&str>) -> Option<Caller> {
+        if let Some(t) = header.and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        }) {
+            return self
+                .tokens
+                .as_ref()?
+                .verify(t.trim())
+                .ok()
+                .map(Caller::Token);
+        }
+        Some(match a.identify(header)? {
+            Identity::Anonymous => Caller::Anonymous,
+            Identity::User(u) => Caller::User(u),
+        })
+    }
+
+    /// Whether the credentials of `header` allow `action` on `repo` (None: the catalog).
+    fn decide(
+        &self,
+        a: &Auth,
+        header: Option<&str>,
+        repo: Option<&str>,
+        action: Action,
+    ) -> Decision {
+        match self.caller(a, header) {
+            None => Decision::Challenge,
+            Some(Caller::Token(c)) if c.allows(repo, action) => Decision::Allow,
+            Some(Caller::Token(_)) => Decision::InsufficientScope,
+            Some(Caller::Anonymous) if a.allowed(&Identity::Anonymous, repo, action) => {
+                Decision::Allow
+            }
+            Some(Caller::Anonymous) => Decision::Challenge,
+            Some(Caller::User(u)) => {
+                if a.allowed(&Identity::User(u), repo, action) {
+                    Decision::Allow
+                } else {
+                    Decision::Deny
+                }
+            }
+        }
+    }
+
     /// Whether the caller may do `action` on `repo` (always true without auth).
     pub(crate) fn may(&self, headers: &HeaderMap, repo: Option<&str>, action: Action) -> bool {
         match &self.auth {
             None => true,
             Some(a) => matches!(
-                a.decide(
+                self.decide(
+                    a,
                     headers.get("authorization").and_then(|v| v.to_str().ok()),
                     repo,
                     action
                 ),
                 Decision::Allow
             ),
+        }
+    }
+
+    /// Whether the caller is an account (an htpasswd user, by password or token).
+    pub(crate) fn is_account(&self, headers: &HeaderMap) -> bool {
+        let Some(a) = &self.auth else {
+            return false;
+        };
+        let hdr = headers.get("authorization").and_then(|v| v.to_str().ok());
+        match self.caller(a, hdr) {
+            Some(Caller::User(_)) => true,
+            Some(Caller::Token(c)) => !c.sub.is_empty(),
+            _ => false,
         }
     }
 
@@ -180,34 +254,82 @@ impl Registry {
         };
         let hdr = headers.get("authorization").and_then(|v| v.to_str().ok());
         // The base endpoint challenges every caller without credentials, even when
-        // anonymous pulls are allowed: clients (containers/image, docker) only send
-        // credentials after the /v2/ ping asked for them.
+        // anonymous pulls are allowed: clients (containers/image, docker) only ask for a
+        // token, or send credentials, after the /v2/ ping asked for them. Any valid
+        // token will do there, an anonymous one too.
         let decision = if *route == Route::Base {
-            match a.identify(hdr) {
-                Some(auth::Identity::User(_)) => Decision::Allow,
+            match self.caller(a, hdr) {
+                Some(Caller::User(_) | Caller::Token(_)) => Decision::Allow,
                 _ => Decision::Challenge,
             }
         } else {
-            a.decide(hdr, route.repo(), action)
+            self.decide(a, hdr, route.repo(), action)
         };
+        let scope = route.repo().map(|r| token::scope_for(r, action));
         match decision {
             Decision::Allow => Ok(()),
-            Decision::Challenge => Err(challenge()),
+            Decision::Challenge => Err(self.challenge(headers, scope.as_deref())),
+            Decision::InsufficientScope => Err(ApiError::new(
+                Code::Denied,
+                format!("this token does not grant {action:?} here: ask /token for that scope (the access rules may not allow it)"),
+            )
+            .status(axum::http::StatusCode::UNAUTHORIZED)
+            .header(
+                "www-authenticate",
+                format!(
+                    "{},error=\"insufficient_scope\"",
+                    token::challenge(&self.realm(headers), scope.as_deref())
+                ),
+            )),
             Decision::Deny => Err(ApiError::new(
                 Code::Denied,
                 format!("this account may not {action:?} here"),
             )),
         }
     }
+
+    /// Where clients get tokens: the configured realm, else `/token` on the host the
+    /// client addressed (a Host header that is not a plain host[:port] is not echoed).
+    fn realm(&self, headers: &HeaderMap) -> String {
+        if let Some(r) = &self.config.token_realm {
+            return r.clone();
+        }
+        let scheme = if self.config.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let host = headers
+            .get("host")
+            .and_then(|v| v.to_str().ok())
+            .filter(|h| {
+                !h.is_empty()
+                    && h.len() <= 255
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+            })
+            .map(str::to_string)
+            .unwrap_or_else(|| self.config.listen.to_string());
+        format!("{scheme}://{host}/token")
+    }
+
+    /// The 401 of a caller without (valid) credentials: a bearer challenge naming the
+    /// token endpoint and the scope the request needs.
+    pub(crate) fn challenge(&self, headers: &HeaderMap, scope: Option<&str>) -> ApiError {
+        ApiError::new(
+            Code::Unauthorized,
+            "authentication required: log in with a user from the registry's htpasswd file (docker login), or ask /token for an anonymous token",
+        )
+        .header("www-authenticate", token::challenge(&self.realm(headers), scope))
+    }
 }
 
-/// The 401 of a caller without (valid) credentials.
-pub(crate) fn challenge() -> ApiError {
-    ApiError::new(
-        Code::Unauthorized,
-        "authentication required: log in with a user from the registry's htpasswd file",
-    )
-    .header("www-authenticate", "Basic realm=\"tessera\"")
+/// Who is asking, by the credentials of a request.
+pub(crate) enum Caller {
+    Anonymous,
+    User(String),
+    /// A valid bearer token of ours (its subject may be anonymous).
+    Token(Claims),
 }
 
 /// Held while a request writes to an upload session.
