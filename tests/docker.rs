@@ -156,48 +156,6 @@ fn bounded(cmd: &mut Command, limit: Duration) -> std::process::Output {
     }
 }
 
-fn htpasswd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
-    require_tool("htpasswd", "apache2-utils");
-    let p = dir.join("htpasswd");
-    let mut text = String::new();
-    for (u, pw) in users {
-        text.push_str(&run_ok(Command::new("htpasswd").args(["-nbB", u, pw])));
-        text = text.trim_end().to_string();
-        text.push('\n');
-    }
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-/// A registry where anonymous may pull `public/*`, alice may pull and push anything,
-/// and bob may only pull.
-fn registry(dir: &Path) -> TesseraServe {
-    let pw = htpasswd(dir, &[("alice", "alice-pw"), ("bob", "bob-pw")]);
-    let cfg = dir.join("serve.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"htpasswd = "{}"
-[[access]]
-account = "anonymous"
-repository = "public/*"
-actions = ["pull"]
-[[access]]
-account = "alice"
-repository = "*"
-actions = ["pull", "push", "delete"]
-[[access]]
-account = "bob"
-repository = "*"
-actions = ["pull"]
-"#,
-            pw.display()
-        ),
-    )
-    .unwrap();
-    TesseraServe::start_args(&["--config", cfg.to_str().unwrap()])
-}
-
 /// A one-file image in dockerd, made from a tar by `docker import`.
 fn import_image(dk: &Dockerd, dir: &Path, name: &str, content: &[u8]) {
     let tar = TarBuilder::new()
@@ -213,7 +171,7 @@ fn import_image(dk: &Dockerd, dir: &Path, name: &str, content: &[u8]) {
 fn docker_pulls_anonymously_logs_in_pushes_and_is_denied_what_rules_deny() {
     let dk = Dockerd::start();
     let work = tempfile::tempdir().unwrap();
-    let reg = registry(work.path());
+    let reg = TesseraServe::start_with_users(work.path());
     let host = reg.addr.clone();
     let public = format!("{host}/public/hello:1");
     let private = format!("{host}/private/app:1");

@@ -764,45 +764,10 @@ fn pull_through_images_from_docker_registry_survive_the_upstream_dying() {
     );
 }
 
-fn htpasswd(file: &Path, user: &str, pass: &str) {
-    require_tool("htpasswd", "apache2-utils");
-    let mut c = Command::new("htpasswd");
-    c.arg("-bB");
-    if !file.exists() {
-        c.arg("-c");
-    }
-    run_ok(c.arg(file).args([user, pass]));
-}
-
 #[test]
 fn htpasswd_auth_with_per_repository_rules() {
     let work = tempfile::tempdir().unwrap();
-    let pw = work.path().join("htpasswd");
-    htpasswd(&pw, "alice", "alice-pw");
-    htpasswd(&pw, "bob", "bob-pw");
-    let cfg = work.path().join("registry.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"htpasswd = "{}"
-[[access]]
-account = "anonymous"
-repository = "public/*"
-actions = ["pull"]
-[[access]]
-account = "alice"
-repository = "*"
-actions = ["pull", "push", "delete"]
-[[access]]
-account = "bob"
-repository = "*"
-actions = ["pull"]
-"#,
-            pw.display()
-        ),
-    )
-    .unwrap();
-    let s = TesseraServe::start_args(&["--config", cfg.to_str().unwrap()]);
+    let s = TesseraServe::start_with_users(work.path());
     let src = format!("oci:{}:debian-base", corpus().join("layout").display());
     let push = |creds: Option<&str>, dest: &str| {
         let mut c = Command::new("skopeo");
@@ -843,10 +808,14 @@ actions = ["pull"]
     );
     let r = get("/v2/private/debian/manifests/1", None);
     assert_eq!(r.status(), 401);
-    assert!(r.headers()["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .starts_with("Basic"));
+    // A bearer challenge naming the token endpoint and the scope this request needs.
+    let chal = r.headers()["www-authenticate"].to_str().unwrap().to_string();
+    assert!(
+        chal.starts_with("Bearer realm=\"http://")
+            && chal.contains("/token\"")
+            && chal.contains("scope=\"repository:private/debian:pull\""),
+        "{chal}"
+    );
     assert_eq!(
         get("/v2/private/debian/manifests/1", Some(("bob", "bob-pw"))).status(),
         200
@@ -861,7 +830,14 @@ actions = ["pull"]
     assert_eq!(body["errors"][0]["code"], "DENIED");
     // Without an anonymous rule the base endpoint challenges.
     let cfg2 = work.path().join("closed.toml");
-    std::fs::write(&cfg2, format!("htpasswd = \"{}\"\n", pw.display())).unwrap();
+    std::fs::write(
+        &cfg2,
+        format!(
+            "htpasswd = \"{}\"\n",
+            work.path().join("htpasswd").display()
+        ),
+    )
+    .unwrap();
     let closed = TesseraServe::start_args(&["--config", cfg2.to_str().unwrap()]);
     let r = c.get(format!("http://{}/v2/", closed.addr)).send().unwrap();
     assert_eq!(r.status(), 401);

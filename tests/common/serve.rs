@@ -170,6 +170,45 @@ impl TesseraServe {
         }
     }
 
+    /// A registry with htpasswd users `alice` (pull, push and delete anywhere; password
+    /// `alice-pw`) and `bob` (pull anywhere; `bob-pw`), where anonymous may pull
+    /// `public/*`. Its files (htpasswd, config) go to `dir`.
+    pub fn start_with_users(dir: &Path) -> TesseraServe {
+        super::require_tool("htpasswd", "apache2-utils");
+        let pw = dir.join("htpasswd");
+        for (user, pass) in [("alice", "alice-pw"), ("bob", "bob-pw")] {
+            let mut c = std::process::Command::new("htpasswd");
+            c.arg("-bB");
+            if !pw.exists() {
+                c.arg("-c");
+            }
+            super::run_ok(c.arg(&pw).args([user, pass]));
+        }
+        let cfg = dir.join("registry.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"htpasswd = "{}"
+[[access]]
+account = "anonymous"
+repository = "public/*"
+actions = ["pull"]
+[[access]]
+account = "alice"
+repository = "*"
+actions = ["pull", "push", "delete"]
+[[access]]
+account = "bob"
+repository = "*"
+actions = ["pull"]
+"#,
+                pw.display()
+            ),
+        )
+        .unwrap();
+        Self::start_args(&["--config", cfg.to_str().unwrap()])
+    }
+
     /// `http://127.0.0.1:PORT`
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
