@@ -1,5 +1,13 @@
 //! The OCI manifest shapes tessera reads and writes. Plain serde types (maps are
 //! BTreeMaps) so that writing the same manifest always gives the same bytes.
+//!
+//! Why not `oci-spec`'s types: docs/format.md §5.3 makes the JSON of a tessera manifest
+//! part of the format — members in a fixed order, annotation keys sorted — so that the
+//! same conversion always gives the same digests. `oci-spec` (0.9) keeps annotations in a
+//! `HashMap`, whose order changes from process to process, so a manifest written through
+//! it would get a new digest on every run; and its descriptors carry a digest type of
+//! their own beside `tessera_format::OciDigest`. These types are what §5.1–5.3 specify,
+//! and nothing more.
 
 use crate::{OciError, Result};
 use serde::{Deserialize, Serialize};
