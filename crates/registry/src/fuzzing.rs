@@ -4,15 +4,16 @@
 use crate::api;
 use crate::body::{parse_range, RangeReq};
 use crate::manifest::parse_manifest;
-use crate::names::{valid_repo, valid_tag, Algorithm, BlobDigest};
 use crate::routes::{parse_query, parse_route};
 use axum::http::{HeaderMap, HeaderValue};
+use tessera_format::{Algorithm, OciDigest};
+use tessera_oci::reference::{valid_repo, valid_tag};
 
 /// Run every registry input parser on `data` and check their invariants (panics on a
 /// broken invariant; returns normally on rejected input).
 pub fn registry_inputs(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let d = BlobDigest::of(Algorithm::Sha256, data);
+    let d = OciDigest::of(Algorithm::Sha256, data);
 
     // Manifests, with and without a Content-Type.
     for ct in [
@@ -24,7 +25,7 @@ pub fn registry_inputs(data: &[u8]) {
             // Whatever is accepted names only well-formed digests and is JSON.
             assert!(serde_json::from_slice::<serde_json::Value>(data).is_ok());
             for (r, _) in &p.required {
-                assert!(BlobDigest::parse(&r.to_string()).is_ok());
+                assert!(OciDigest::parse(&r.to_string()).is_ok());
             }
             let _ = p.wants_twin();
         }
@@ -38,7 +39,7 @@ pub fn registry_inputs(data: &[u8]) {
     }
     let _ = parse_query(Some(&text));
     let _ = valid_tag(&text);
-    if let Ok(bd) = BlobDigest::parse(&text) {
+    if let Ok(bd) = OciDigest::parse(&text) {
         assert_eq!(
             bd.to_string(),
             text,

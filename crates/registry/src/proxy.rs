@@ -12,18 +12,19 @@ use crate::body::blob_body;
 use crate::error::{ApiError, Code, StoreError};
 use crate::manifest::parse_manifest;
 use crate::meta::{ManifestMeta, Meta};
-use crate::names::{BlobDigest, DigestHasher, Reference};
+use crate::names::Reference;
 use crate::state::{Registry, Shared};
 use crate::upstream::{header_digest, join, upstream_error, Flight, FlightState, Upstream};
 use axum::body::{Body, Bytes};
 use futures_util::StreamExt;
 use std::io::{Read, Write};
 use std::sync::Arc;
+use tessera_format::{DigestHasher, OciDigest};
 use tokio::sync::watch;
 
 /// A manifest served by a pull-through repository.
 pub(crate) struct Pulled {
-    pub(crate) digest: BlobDigest,
+    pub(crate) digest: OciDigest,
     pub(crate) meta: ManifestMeta,
     /// Fetched from upstream just now, and a plain image that gets a tessera twin
     /// under --convert-on-push.
@@ -31,7 +32,7 @@ pub(crate) struct Pulled {
 }
 
 impl Pulled {
-    fn cached((digest, meta): (BlobDigest, ManifestMeta)) -> Pulled {
+    fn cached((digest, meta): (OciDigest, ManifestMeta)) -> Pulled {
         Pulled {
             digest,
             meta,
@@ -136,7 +137,7 @@ impl Registry {
         }
         let d = match reference {
             Reference::Digest(want) => {
-                let got = BlobDigest::of(want.algorithm(), &bytes);
+                let got = OciDigest::of(want.algorithm(), &bytes);
                 if &got != want {
                     self.metrics.upstream_errors.inc();
                     return Err(upstream_error(format!(
@@ -145,7 +146,7 @@ impl Registry {
                 }
                 got
             }
-            Reference::Tag(_) => BlobDigest::of(crate::names::Algorithm::Sha256, &bytes),
+            Reference::Tag(_) => OciDigest::of(tessera_format::Algorithm::Sha256, &bytes),
         };
         let meta = ManifestMeta {
             media_type,
@@ -197,7 +198,7 @@ impl Registry {
         self: &Arc<Self>,
         repo: &str,
         reference: &Reference,
-    ) -> Result<Option<(BlobDigest, ManifestMeta)>, ApiError> {
+    ) -> Result<Option<(OciDigest, ManifestMeta)>, ApiError> {
         let (reg, repo, r) = (self.clone(), repo.to_string(), reference.clone());
         tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             let d = match r {
@@ -226,7 +227,7 @@ impl Registry {
     pub(crate) async fn pull_through_blob(
         self: &Arc<Self>,
         repo: &str,
-        d: &BlobDigest,
+        d: &OciDigest,
     ) -> Result<Option<(u64, Arc<Flight>)>, ApiError> {
         if self.proxy.select(repo).is_none() {
             return Ok(None);
@@ -319,7 +320,7 @@ impl Registry {
     pub(crate) async fn fetch_through(
         self: &Arc<Self>,
         repo: &str,
-        d: &BlobDigest,
+        d: &OciDigest,
     ) -> Result<(), ApiError> {
         let Some((_, f)) = self.pull_through_blob(repo, d).await? else {
             return Err(ApiError::new(
@@ -354,7 +355,7 @@ impl Registry {
         up: &Upstream,
         urepo: &str,
         repo: &str,
-        d: &BlobDigest,
+        d: &OciDigest,
         flight: &Flight,
         tx: &watch::Sender<FlightState>,
     ) -> Result<Option<reqwest::Response>, ApiError> {
@@ -388,7 +389,7 @@ impl Registry {
         self: &Arc<Self>,
         resp: reqwest::Response,
         session: &str,
-        d: &BlobDigest,
+        d: &OciDigest,
         size: u64,
         progress: &watch::Sender<FlightState>,
     ) -> Result<(), String> {
@@ -467,13 +468,7 @@ impl Registry {
 
 /// Stream `[offset, offset+len)` of a flight as its bytes arrive; the stream fails if the
 /// download does.
-pub fn flight_body(
-    reg: &Shared,
-    flight: Arc<Flight>,
-    d: BlobDigest,
-    offset: u64,
-    len: u64,
-) -> Body {
+pub fn flight_body(reg: &Shared, flight: Arc<Flight>, d: OciDigest, offset: u64, len: u64) -> Body {
     if *flight.state.borrow() == FlightState::Done {
         return blob_body(reg, d, offset, len);
     }

@@ -7,10 +7,10 @@
 
 use crate::config::UpstreamConfig;
 use crate::error::{ApiError, Code};
-use crate::names::BlobDigest;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tessera_format::OciDigest;
 use tokio::sync::watch;
 
 const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -241,11 +241,11 @@ pub(crate) fn parse_challenge(h: &str) -> HashMap<String, String> {
     out
 }
 
-pub(crate) fn header_digest(resp: &reqwest::Response) -> Option<BlobDigest> {
+pub(crate) fn header_digest(resp: &reqwest::Response) -> Option<OciDigest> {
     resp.headers()
         .get("docker-content-digest")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| BlobDigest::parse(v).ok())
+        .and_then(|v| OciDigest::parse(v).ok())
 }
 
 /// Wait until a flight someone else started has an answer from upstream.
