@@ -19,7 +19,8 @@ use axum::body::{Body, Bytes};
 use futures_util::StreamExt;
 use std::io::{Read, Write};
 use std::sync::Arc;
-use tessera_format::{DigestHasher, OciDigest};
+use tessera_format::OciDigest;
+use tessera_oci::verify::Verifier;
 use tokio::sync::watch;
 
 /// A manifest served by a pull-through repository.
@@ -415,7 +416,8 @@ impl Registry {
             }
             w.commit().map_err(|e| e.to_string())
         });
-        let mut hasher = DigestHasher::new(d.algorithm());
+        // Checks the length against Content-Length as the bytes arrive and the digest at the end.
+        let mut verifier = Verifier::new(d.clone(), size, format!("upstream blob {d}"));
         let mut stream = resp.bytes_stream();
         let mut got = 0u64;
         let mut failure = None;
@@ -424,11 +426,10 @@ impl Registry {
                 item = stream.next() => match item {
                     Some(Ok(b)) => {
                         got += b.len() as u64;
-                        if got > size {
-                            failure = Some(format!("upstream sent more than its Content-Length {size}"));
+                        if let Err(e) = verifier.update(&b) {
+                            failure = Some(e.to_string());
                             break;
                         }
-                        hasher.update(&b);
                         if btx.send(b).await.is_err() {
                             break;
                         }
@@ -455,12 +456,7 @@ impl Registry {
                 "upstream transfer ended after {written} of {size} bytes"
             ));
         }
-        let actual = hasher.finish();
-        if &actual != d {
-            return Err(format!(
-                "upstream sent content with digest {actual}, not {d}"
-            ));
-        }
+        verifier.finish().map_err(|e| e.to_string())?;
         let _ = progress.send(FlightState::Running(size));
         Ok(())
     }
