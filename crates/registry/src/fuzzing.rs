@@ -66,5 +66,5 @@ pub fn registry_inputs(data: &[u8]) {
     }
 
     // An upstream's WWW-Authenticate challenge.
-    let _ = crate::upstream::parse_challenge(&text);
+    let _ = tessera_oci::auth::Challenge::parse(&text);
 }
