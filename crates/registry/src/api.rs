@@ -998,12 +998,11 @@ async fn referrers(reg: Shared, repo: String, d: &str, query: &[(String, String)
     }
     let body = serde_json::json!({
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "mediaType": tessera_format::media::OCI_INDEX,
         "manifests": list,
     })
     .to_string();
-    let mut reply =
-        Reply::new(StatusCode::OK).h("content-type", "application/vnd.oci.image.index.v1+json");
+    let mut reply = Reply::new(StatusCode::OK).h("content-type", tessera_format::media::OCI_INDEX);
     if filter.is_some() {
         reply = reply.h("oci-filters-applied", "artifactType");
     }

@@ -6,6 +6,7 @@ use crate::body::{parse_range, RangeReq};
 use crate::manifest::parse_manifest;
 use crate::routes::{parse_query, parse_route};
 use axum::http::{HeaderMap, HeaderValue};
+use tessera_format::media::{OCI_INDEX, OCI_MANIFEST};
 use tessera_format::{Algorithm, OciDigest};
 use tessera_oci::reference::{valid_repo, valid_tag};
 
@@ -16,11 +17,8 @@ pub fn registry_inputs(data: &[u8]) {
     let d = OciDigest::of(Algorithm::Sha256, data);
 
     // Manifests, with and without a Content-Type.
-    for ct in [
-        None,
-        Some("application/vnd.oci.image.manifest.v1+json"),
-        Some("application/vnd.oci.image.index.v1+json; charset=x"),
-    ] {
+    let index_with_params = format!("{OCI_INDEX}; charset=x");
+    for ct in [None, Some(OCI_MANIFEST), Some(index_with_params.as_str())] {
         if let Ok(p) = parse_manifest(data, ct, &d) {
             // Whatever is accepted names only well-formed digests and is JSON.
             assert!(serde_json::from_slice::<serde_json::Value>(data).is_ok());

@@ -3,18 +3,8 @@
 use crate::error::{ApiError, Code};
 use crate::meta::ManifestMeta;
 use crate::state::Registry;
+use tessera_format::media::{is_index, MANIFEST_TYPES, OCI_MANIFEST};
 use tessera_format::OciDigest;
-
-const MANIFEST_TYPES: [&str; 4] = [
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-
-fn is_index(mt: &str) -> bool {
-    mt == MANIFEST_TYPES[1] || mt == MANIFEST_TYPES[3]
-}
 
 impl Registry {
     /// Check a parsed manifest against the repository and make it visible (durably),
@@ -205,7 +195,7 @@ pub(crate) fn parse_manifest(
                 .as_array()
                 .ok_or_else(|| invalid("layers must be an array"))?
                 .clone(),
-            None if media_type == MANIFEST_TYPES[0] => Vec::new(),
+            None if media_type == OCI_MANIFEST => Vec::new(),
             None => return Err(invalid("an image manifest needs a layers array")),
         };
         for (i, l) in list.iter().enumerate() {
@@ -311,11 +301,11 @@ mod tests {
                 e.message
             );
         }
-        let p = parse_manifest(&body, Some(MANIFEST_TYPES[0]), &d).unwrap();
-        assert_eq!(p.media_type, MANIFEST_TYPES[0]);
-        m["mediaType"] = serde_json::Value::from(MANIFEST_TYPES[0]);
+        let p = parse_manifest(&body, Some(OCI_MANIFEST), &d).unwrap();
+        assert_eq!(p.media_type, OCI_MANIFEST);
+        m["mediaType"] = serde_json::Value::from(OCI_MANIFEST);
         let body = serde_json::to_vec(&m).unwrap();
         let p = parse_manifest(&body, None, &d).unwrap();
-        assert_eq!(p.media_type, MANIFEST_TYPES[0]);
+        assert_eq!(p.media_type, OCI_MANIFEST);
     }
 }
