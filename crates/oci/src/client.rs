@@ -33,7 +33,7 @@ use tessera_format::{media, Digest};
 pub const MAX_MANIFEST: u64 = 4 << 20;
 
 /// Every manifest media type a client of ours asks for.
-pub const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+pub use tessera_format::media::ACCEPT_MANIFESTS;
 
 /// Longest a read of a response may wait for its next bytes: a hung registry must not
 /// hang a lazy mount's reader, and a slow link must not fail a long download (so no

@@ -6,7 +6,7 @@ use crate::config::Action;
 use crate::error::{ApiError, Code};
 use crate::manifest::{invalid, parse_manifest};
 use crate::meta::ManifestMeta;
-use crate::names::{valid_repo, valid_tag, Algorithm, BlobDigest, DigestHasher, Reference};
+use crate::names::Reference;
 use crate::routes::{parse_query, Route};
 use crate::state::{SessionGuard, Shared};
 use axum::body::{Body, Bytes};
@@ -14,6 +14,8 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use futures_util::StreamExt;
 use std::io::{Read, Write};
+use tessera_format::{Algorithm, DigestHasher, OciDigest};
+use tessera_oci::reference::{valid_repo, valid_tag};
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -24,8 +26,8 @@ fn q<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn parse_digest(s: &str) -> Result<BlobDigest, ApiError> {
-    BlobDigest::parse(s).map_err(|e| ApiError::new(Code::DigestInvalid, e.to_string()))
+fn parse_digest(s: &str) -> Result<OciDigest, ApiError> {
+    OciDigest::parse(s).map_err(|e| ApiError::new(Code::DigestInvalid, e.to_string()))
 }
 
 fn check_repo(repo: &str) -> Result<(), ApiError> {
@@ -491,7 +493,7 @@ async fn start_upload(
     body: Body,
 ) -> ApiResult {
     if let Some(mount) = q(query, "mount") {
-        if let (Ok(d), Some(from)) = (BlobDigest::parse(mount), q(query, "from")) {
+        if let (Ok(d), Some(from)) = (OciDigest::parse(mount), q(query, "from")) {
             if valid_repo(from) && reg.may(headers, Some(from), Action::Pull) {
                 let (reg2, repo2, from2, d2) =
                     (reg.clone(), repo.clone(), from.to_string(), d.clone());
@@ -619,7 +621,7 @@ async fn put_upload(
 }
 
 /// Verify the session's bytes against `d` and publish the blob in `repo`.
-async fn finish_upload(reg: &Shared, repo: &str, id: &str, d: &BlobDigest) -> ApiResult {
+async fn finish_upload(reg: &Shared, repo: &str, id: &str, d: &OciDigest) -> ApiResult {
     let (reg2, repo2, id2, d2) = (reg.clone(), repo.to_string(), id.to_string(), d.clone());
     let hasher = reg.hashers_remove(id);
     blocking(move || {
@@ -698,7 +700,7 @@ async fn resolve(
     reg: &Shared,
     repo: &str,
     reference: &Reference,
-) -> Result<Option<(BlobDigest, ManifestMeta)>, ApiError> {
+) -> Result<Option<(OciDigest, ManifestMeta)>, ApiError> {
     let (reg2, repo2, r2) = (reg.clone(), repo.to_string(), reference.clone());
     blocking(move || {
         let d = match r2 {
@@ -843,7 +845,7 @@ async fn put_manifest(
     let bytes = read_limited(body, limit).await?;
     let d = match &reference {
         Reference::Digest(want) => {
-            let got = BlobDigest::of(want.algorithm(), &bytes);
+            let got = OciDigest::of(want.algorithm(), &bytes);
             if &got != want {
                 return Err(ApiError::new(
                     Code::DigestInvalid,
@@ -852,7 +854,7 @@ async fn put_manifest(
             }
             got
         }
-        Reference::Tag(_) => BlobDigest::of(Algorithm::Sha256, &bytes),
+        Reference::Tag(_) => OciDigest::of(Algorithm::Sha256, &bytes),
     };
     let mut tags: Vec<String> = Vec::new();
     if let Reference::Tag(t) = &reference {
@@ -996,12 +998,11 @@ async fn referrers(reg: Shared, repo: String, d: &str, query: &[(String, String)
     }
     let body = serde_json::json!({
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "mediaType": tessera_format::media::OCI_INDEX,
         "manifests": list,
     })
     .to_string();
-    let mut reply =
-        Reply::new(StatusCode::OK).h("content-type", "application/vnd.oci.image.index.v1+json");
+    let mut reply = Reply::new(StatusCode::OK).h("content-type", tessera_format::media::OCI_INDEX);
     if filter.is_some() {
         reply = reply.h("oci-filters-applied", "artifactType");
     }

@@ -3,11 +3,11 @@
 //! and upload sessions live in the backend too, so any replica can continue them.
 
 use crate::error::StoreError;
-use crate::names::{Algorithm, BlobDigest};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
+use tessera_format::{Algorithm, OciDigest};
 
 pub trait ReadSeek: Read + Seek + Send {}
 impl<T: Read + Seek + Send> ReadSeek for T {}
@@ -22,15 +22,15 @@ pub trait UploadWriter: Write + Send {
 
 pub trait Backend: Send + Sync + 'static {
     /// Size of a stored blob, or None.
-    fn stat(&self, d: &BlobDigest) -> Result<Option<u64>, StoreError>;
+    fn stat(&self, d: &OciDigest) -> Result<Option<u64>, StoreError>;
     /// A reader positioned at `offset`.
-    fn open(&self, d: &BlobDigest, offset: u64) -> Result<Box<dyn Read + Send>, StoreError>;
+    fn open(&self, d: &OciDigest, offset: u64) -> Result<Box<dyn Read + Send>, StoreError>;
     /// A seekable reader (pack verification reads the table of contents first).
-    fn open_seekable(&self, d: &BlobDigest) -> Result<Box<dyn ReadSeek>, StoreError>;
+    fn open_seekable(&self, d: &OciDigest) -> Result<Box<dyn ReadSeek>, StoreError>;
     /// Store small content (manifests) atomically and durably.
-    fn put(&self, d: &BlobDigest, data: &[u8]) -> Result<(), StoreError>;
-    fn delete(&self, d: &BlobDigest) -> Result<bool, StoreError>;
-    fn list(&self) -> Result<Vec<BlobDigest>, StoreError>;
+    fn put(&self, d: &OciDigest, data: &[u8]) -> Result<(), StoreError>;
+    fn delete(&self, d: &OciDigest) -> Result<bool, StoreError>;
+    fn list(&self) -> Result<Vec<OciDigest>, StoreError>;
 
     fn upload_create(&self, id: &str) -> Result<(), StoreError>;
     fn upload_size(&self, id: &str) -> Result<Option<u64>, StoreError>;
@@ -40,7 +40,7 @@ pub trait Backend: Send + Sync + 'static {
     /// after the session is committed (pull-through followers rely on that).
     fn upload_read(&self, id: &str, offset: u64) -> Result<Box<dyn Read + Send>, StoreError>;
     /// Make the session's bytes the blob `d` (already verified by the caller), durably.
-    fn upload_commit(&self, id: &str, d: &BlobDigest) -> Result<(), StoreError>;
+    fn upload_commit(&self, id: &str, d: &OciDigest) -> Result<(), StoreError>;
     fn upload_delete(&self, id: &str) -> Result<(), StoreError>;
     /// Every session with its last modification time (for expiry).
     fn upload_list(&self) -> Result<Vec<(String, SystemTime)>, StoreError>;
@@ -68,7 +68,7 @@ impl FsBackend {
         })
     }
 
-    pub fn blob_path(&self, d: &BlobDigest) -> PathBuf {
+    pub fn blob_path(&self, d: &OciDigest) -> PathBuf {
         let hex = d.hex();
         self.root
             .join("blobs")
@@ -88,7 +88,7 @@ impl FsBackend {
         Ok(self.root.join("uploads").join(id))
     }
 
-    fn publish(&self, src: &Path, d: &BlobDigest) -> Result<(), StoreError> {
+    fn publish(&self, src: &Path, d: &OciDigest) -> Result<(), StoreError> {
         let dst = self.blob_path(d);
         let dir = dst.parent().unwrap_or(&self.root).to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| StoreError::io(dir.display(), e))?;
@@ -144,12 +144,12 @@ impl UploadWriter for FsUpload {
 }
 
 impl Backend for FsBackend {
-    fn stat(&self, d: &BlobDigest) -> Result<Option<u64>, StoreError> {
+    fn stat(&self, d: &OciDigest) -> Result<Option<u64>, StoreError> {
         let p = self.blob_path(d);
         Ok(not_found_is_none(fs::metadata(&p), &p)?.map(|m| m.len()))
     }
 
-    fn open(&self, d: &BlobDigest, offset: u64) -> Result<Box<dyn Read + Send>, StoreError> {
+    fn open(&self, d: &OciDigest, offset: u64) -> Result<Box<dyn Read + Send>, StoreError> {
         let p = self.blob_path(d);
         let mut f = not_found_is_none(File::open(&p), &p)?
             .ok_or_else(|| StoreError::MissingBlob(d.to_string()))?;
@@ -160,14 +160,14 @@ impl Backend for FsBackend {
         Ok(Box::new(f))
     }
 
-    fn open_seekable(&self, d: &BlobDigest) -> Result<Box<dyn ReadSeek>, StoreError> {
+    fn open_seekable(&self, d: &OciDigest) -> Result<Box<dyn ReadSeek>, StoreError> {
         let p = self.blob_path(d);
         let f = not_found_is_none(File::open(&p), &p)?
             .ok_or_else(|| StoreError::MissingBlob(d.to_string()))?;
         Ok(Box::new(io::BufReader::with_capacity(1 << 20, f)))
     }
 
-    fn put(&self, d: &BlobDigest, data: &[u8]) -> Result<(), StoreError> {
+    fn put(&self, d: &OciDigest, data: &[u8]) -> Result<(), StoreError> {
         if self.stat(d)? == Some(data.len() as u64) {
             return Ok(());
         }
@@ -184,12 +184,12 @@ impl Backend for FsBackend {
         self.publish(&tmp, d)
     }
 
-    fn delete(&self, d: &BlobDigest) -> Result<bool, StoreError> {
+    fn delete(&self, d: &OciDigest) -> Result<bool, StoreError> {
         let p = self.blob_path(d);
         Ok(not_found_is_none(fs::remove_file(&p), &p)?.is_some())
     }
 
-    fn list(&self) -> Result<Vec<BlobDigest>, StoreError> {
+    fn list(&self) -> Result<Vec<OciDigest>, StoreError> {
         let mut out = Vec::new();
         for algo in [Algorithm::Sha256, Algorithm::Sha512] {
             let dir = self.root.join("blobs").join(algo.name());
@@ -201,7 +201,7 @@ impl Backend for FsBackend {
                 for f in files.flatten() {
                     let name = f.file_name();
                     let name = name.to_string_lossy();
-                    if let Ok(d) = BlobDigest::parse(&format!("{}:{name}", algo.name())) {
+                    if let Ok(d) = OciDigest::parse(&format!("{}:{name}", algo.name())) {
                         out.push(d);
                     }
                 }
@@ -253,7 +253,7 @@ impl Backend for FsBackend {
         Ok(Box::new(io::BufReader::with_capacity(1 << 20, f)))
     }
 
-    fn upload_commit(&self, id: &str, d: &BlobDigest) -> Result<(), StoreError> {
+    fn upload_commit(&self, id: &str, d: &OciDigest) -> Result<(), StoreError> {
         let p = self.upload_path(id)?;
         if self.stat(d)?.is_some() {
             // Same digest, same bytes: keep the stored copy.
@@ -302,7 +302,7 @@ mod tests {
         w.write_all(b"garbage").unwrap();
         w.abort();
         assert_eq!(b.upload_size(&id).unwrap(), Some(6));
-        let d = BlobDigest::of(Algorithm::Sha256, b"hello ");
+        let d = OciDigest::of(Algorithm::Sha256, b"hello ");
         b.upload_commit(&id, &d).unwrap();
         assert_eq!(b.stat(&d).unwrap(), Some(6));
         assert_eq!(b.upload_size(&id).unwrap(), None);

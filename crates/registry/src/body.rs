@@ -1,9 +1,9 @@
 //! Blob bodies: `Range` requests and streaming a stored blob to a client.
 
-use crate::names::BlobDigest;
 use crate::state::Shared;
 use axum::body::{Body, Bytes};
 use std::io::Read;
+use tessera_format::OciDigest;
 
 /// A parsed `Range: bytes=...` request against a blob of `size` bytes.
 #[derive(Debug, PartialEq, Eq)]
@@ -47,7 +47,7 @@ pub fn parse_range(h: Option<&str>, size: u64) -> RangeReq {
 }
 
 /// Stream `len` bytes of a blob from `offset`, read on a blocking thread.
-pub fn blob_body(reg: &Shared, d: BlobDigest, offset: u64, len: u64) -> Body {
+pub fn blob_body(reg: &Shared, d: OciDigest, offset: u64, len: u64) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let backend = reg.backend.clone();
     let sent = reg.metrics.bytes_sent.clone();

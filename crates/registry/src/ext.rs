@@ -6,7 +6,6 @@ use crate::backend::Backend;
 use crate::config::Action;
 use crate::error::{ApiError, Code, StoreError};
 use crate::meta::ChunkHit;
-use crate::names::BlobDigest;
 use crate::state::{Registry, Shared};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -18,6 +17,7 @@ use std::io::Read;
 use tessera_format::index::Index;
 use tessera_format::media::{ARTIFACT_TYPE, INDEX_MEDIA_TYPE, PACK_MEDIA_TYPE};
 use tessera_format::pack;
+use tessera_format::OciDigest;
 
 /// Most chunk ids one query may carry.
 pub const MAX_QUERY_IDS: usize = 100_000;
@@ -25,7 +25,7 @@ pub const MAX_QUERY_IDS: usize = 100_000;
 pub const MAX_QUERY_BYTES: usize = 16 << 20;
 
 /// Chunk ids of a stored pack, from its table of contents.
-pub fn pack_chunk_ids(backend: &dyn Backend, d: &BlobDigest) -> Result<Vec<String>, StoreError> {
+pub fn pack_chunk_ids(backend: &dyn Backend, d: &OciDigest) -> Result<Vec<String>, StoreError> {
     let mut r = backend.open_seekable(d)?;
     let toc = pack::read_toc(&mut r).map_err(|e| StoreError::Corrupt(format!("pack {d}: {e}")))?;
     Ok(toc.iter().map(|e| e.id.hex()).collect())
@@ -33,7 +33,7 @@ pub fn pack_chunk_ids(backend: &dyn Backend, d: &BlobDigest) -> Result<Vec<Strin
 
 impl Registry {
     /// Remove stored bytes nobody links any more (caller holds the write lock).
-    pub(crate) fn remove_bytes(&self, d: &BlobDigest) -> Result<(), StoreError> {
+    pub(crate) fn remove_bytes(&self, d: &OciDigest) -> Result<(), StoreError> {
         let ds = d.to_string();
         if self.meta.pack_admitted(&ds)? {
             let ids = pack_chunk_ids(self.backend.as_ref(), d)?;
@@ -48,7 +48,7 @@ impl Registry {
     /// failure nothing is admitted.
     pub(crate) fn admit_tessera_layers(
         &self,
-        layers: &[(String, BlobDigest, u64)],
+        layers: &[(String, OciDigest, u64)],
     ) -> Result<(), ApiError> {
         let reject = |what: String| {
             self.metrics.packs_rejected.inc();
@@ -81,11 +81,7 @@ impl Registry {
                     .map_err(|e| StoreError::io(d, e))?;
                 let index =
                     Index::decode(&bytes).map_err(|e| reject(format!("tessera index {d}: {e}")))?;
-                let used: Vec<String> = index
-                    .packs
-                    .iter()
-                    .map(|p| format!("sha256:{}", p.hex()))
-                    .collect();
+                let used: Vec<String> = index.packs.iter().map(|p| p.to_string()).collect();
                 for ps in &used {
                     if !pack_digests.contains(ps) {
                         return Err(reject(format!(
@@ -239,7 +235,7 @@ async fn answer(
             if !where_cache.contains_key(&h.pack) {
                 let mut found = None;
                 let d =
-                    BlobDigest::parse(&h.pack).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    OciDigest::parse(&h.pack).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 for repo in reg.meta.repos_with_blob(&h.pack)? {
                     if reg.may(&headers, Some(&repo), Action::Pull) {
                         if let Some(size) = reg.meta.blob_in_repo(&repo, &d)? {

@@ -4,27 +4,26 @@
 use crate::api;
 use crate::body::{parse_range, RangeReq};
 use crate::manifest::parse_manifest;
-use crate::names::{valid_repo, valid_tag, Algorithm, BlobDigest};
 use crate::routes::{parse_query, parse_route};
 use axum::http::{HeaderMap, HeaderValue};
+use tessera_format::media::{OCI_INDEX, OCI_MANIFEST};
+use tessera_format::{Algorithm, OciDigest};
+use tessera_oci::reference::{valid_repo, valid_tag};
 
 /// Run every registry input parser on `data` and check their invariants (panics on a
 /// broken invariant; returns normally on rejected input).
 pub fn registry_inputs(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let d = BlobDigest::of(Algorithm::Sha256, data);
+    let d = OciDigest::of(Algorithm::Sha256, data);
 
     // Manifests, with and without a Content-Type.
-    for ct in [
-        None,
-        Some("application/vnd.oci.image.manifest.v1+json"),
-        Some("application/vnd.oci.image.index.v1+json; charset=x"),
-    ] {
+    let index_with_params = format!("{OCI_INDEX}; charset=x");
+    for ct in [None, Some(OCI_MANIFEST), Some(index_with_params.as_str())] {
         if let Ok(p) = parse_manifest(data, ct, &d) {
             // Whatever is accepted names only well-formed digests and is JSON.
             assert!(serde_json::from_slice::<serde_json::Value>(data).is_ok());
             for (r, _) in &p.required {
-                assert!(BlobDigest::parse(&r.to_string()).is_ok());
+                assert!(OciDigest::parse(&r.to_string()).is_ok());
             }
             let _ = p.wants_twin();
         }
@@ -38,7 +37,7 @@ pub fn registry_inputs(data: &[u8]) {
     }
     let _ = parse_query(Some(&text));
     let _ = valid_tag(&text);
-    if let Ok(bd) = BlobDigest::parse(&text) {
+    if let Ok(bd) = OciDigest::parse(&text) {
         assert_eq!(
             bd.to_string(),
             text,
@@ -65,5 +64,5 @@ pub fn registry_inputs(data: &[u8]) {
     }
 
     // An upstream's WWW-Authenticate challenge.
-    let _ = crate::upstream::parse_challenge(&text);
+    let _ = tessera_oci::auth::Challenge::parse(&text);
 }

@@ -2,19 +2,9 @@
 
 use crate::error::{ApiError, Code};
 use crate::meta::ManifestMeta;
-use crate::names::BlobDigest;
 use crate::state::Registry;
-
-const MANIFEST_TYPES: [&str; 4] = [
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-
-fn is_index(mt: &str) -> bool {
-    mt == MANIFEST_TYPES[1] || mt == MANIFEST_TYPES[3]
-}
+use tessera_format::media::{is_index, MANIFEST_TYPES, OCI_MANIFEST};
+use tessera_format::OciDigest;
 
 impl Registry {
     /// Check a parsed manifest against the repository and make it visible (durably),
@@ -22,11 +12,11 @@ impl Registry {
     pub(crate) fn store_manifest(
         &self,
         repo: &str,
-        d: &BlobDigest,
+        d: &OciDigest,
         bytes: Vec<u8>,
         parsed: Parsed,
         tags: &[String],
-    ) -> Result<Option<BlobDigest>, ApiError> {
+    ) -> Result<Option<OciDigest>, ApiError> {
         // Shared publish lock across the checks and the commit: a blob cannot be deleted
         // between "the manifest's blobs are present" and "the manifest is visible".
         let _r = self.read_lock();
@@ -79,12 +69,12 @@ pub(crate) struct Parsed {
     pub(crate) media_type: String,
     /// Blobs that must be in the repository (config and layers of an image manifest),
     /// with the size their descriptor gives.
-    pub(crate) required: Vec<(BlobDigest, u64)>,
-    pub(crate) subject: Option<BlobDigest>,
+    pub(crate) required: Vec<(OciDigest, u64)>,
+    pub(crate) subject: Option<OciDigest>,
     /// The descriptor listed by the referrers API when `subject` is set.
     pub(crate) referrer: serde_json::Value,
     pub(crate) artifact_type: Option<String>,
-    pub(crate) layers: Vec<(String, BlobDigest, u64)>,
+    pub(crate) layers: Vec<(String, OciDigest, u64)>,
 }
 
 impl Parsed {
@@ -116,12 +106,12 @@ pub(crate) fn invalid(msg: impl Into<String>) -> ApiError {
 fn descriptor_digest(
     v: &serde_json::Value,
     what: &str,
-) -> Result<(BlobDigest, u64, String), ApiError> {
+) -> Result<(OciDigest, u64, String), ApiError> {
     let d = v
         .get("digest")
         .and_then(|d| d.as_str())
         .ok_or_else(|| invalid(format!("{what}: descriptor without digest")))?;
-    let d = BlobDigest::parse(d).map_err(|e| invalid(format!("{what}: {e}")))?;
+    let d = OciDigest::parse(d).map_err(|e| invalid(format!("{what}: {e}")))?;
     let size = v
         .get("size")
         .and_then(|s| s.as_u64())
@@ -137,7 +127,7 @@ fn descriptor_digest(
 pub(crate) fn parse_manifest(
     body: &[u8],
     content_type: Option<&str>,
-    d: &BlobDigest,
+    d: &OciDigest,
 ) -> Result<Parsed, ApiError> {
     let v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
@@ -205,7 +195,7 @@ pub(crate) fn parse_manifest(
                 .as_array()
                 .ok_or_else(|| invalid("layers must be an array"))?
                 .clone(),
-            None if media_type == MANIFEST_TYPES[0] => Vec::new(),
+            None if media_type == OCI_MANIFEST => Vec::new(),
             None => return Err(invalid("an image manifest needs a layers array")),
         };
         for (i, l) in list.iter().enumerate() {
@@ -248,12 +238,12 @@ pub(crate) fn parse_manifest(
 mod tests {
     use super::*;
 
-    use crate::names::Algorithm;
+    use tessera_format::Algorithm;
 
     #[test]
     fn manifest_parsing() {
-        let d = BlobDigest::of(Algorithm::Sha256, b"x");
-        let cfg = BlobDigest::of(Algorithm::Sha256, b"{}");
+        let d = OciDigest::of(Algorithm::Sha256, b"x");
+        let cfg = OciDigest::of(Algorithm::Sha256, b"{}");
         let m = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -290,8 +280,8 @@ mod tests {
 
     #[test]
     fn content_type_is_required_unless_the_body_names_its_type() {
-        let d = BlobDigest::of(Algorithm::Sha256, b"x");
-        let cfg = BlobDigest::of(Algorithm::Sha256, b"{}");
+        let d = OciDigest::of(Algorithm::Sha256, b"x");
+        let cfg = OciDigest::of(Algorithm::Sha256, b"{}");
         let mut m = serde_json::json!({
             "schemaVersion": 2,
             "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cfg.to_string(), "size": 2},
@@ -311,11 +301,11 @@ mod tests {
                 e.message
             );
         }
-        let p = parse_manifest(&body, Some(MANIFEST_TYPES[0]), &d).unwrap();
-        assert_eq!(p.media_type, MANIFEST_TYPES[0]);
-        m["mediaType"] = serde_json::Value::from(MANIFEST_TYPES[0]);
+        let p = parse_manifest(&body, Some(OCI_MANIFEST), &d).unwrap();
+        assert_eq!(p.media_type, OCI_MANIFEST);
+        m["mediaType"] = serde_json::Value::from(OCI_MANIFEST);
         let body = serde_json::to_vec(&m).unwrap();
         let p = parse_manifest(&body, None, &d).unwrap();
-        assert_eq!(p.media_type, MANIFEST_TYPES[0]);
+        assert_eq!(p.media_type, OCI_MANIFEST);
     }
 }

@@ -9,10 +9,10 @@
 //! `"repo\0"` lists exactly that repository in byte order.
 
 use crate::error::StoreError;
-use crate::names::BlobDigest;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use tessera_format::OciDigest;
 
 const REPOS: TableDefinition<&str, u64> = TableDefinition::new("repos");
 /// "repo\0digest" → size: the blob is readable in the repository.
@@ -158,7 +158,7 @@ impl Meta {
     }
 
     /// Size of `digest` if it is readable in `repo`.
-    pub fn blob_in_repo(&self, repo: &str, d: &BlobDigest) -> Result<Option<u64>, StoreError> {
+    pub fn blob_in_repo(&self, repo: &str, d: &OciDigest) -> Result<Option<u64>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(REPO_BLOBS)?;
         let v = t.get(key2(repo, &d.to_string()).as_str())?;
@@ -166,7 +166,7 @@ impl Meta {
     }
 
     /// Make `digest` (size `size`) readable in `repo`.
-    pub fn link_blob(&self, repo: &str, d: &BlobDigest, size: u64) -> Result<(), StoreError> {
+    pub fn link_blob(&self, repo: &str, d: &OciDigest, size: u64) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
             let ds = d.to_string();
@@ -186,7 +186,7 @@ impl Meta {
         Ok(refs.range(p.as_str()..end.as_str())?.next().is_none())
     }
 
-    pub fn unlink_blob(&self, repo: &str, d: &BlobDigest) -> Result<Unlinked, StoreError> {
+    pub fn unlink_blob(&self, repo: &str, d: &OciDigest) -> Result<Unlinked, StoreError> {
         let ds = d.to_string();
         let tx = self.db.begin_write()?;
         let out;
@@ -209,7 +209,7 @@ impl Meta {
     pub fn put_manifest(
         &self,
         repo: &str,
-        d: &BlobDigest,
+        d: &OciDigest,
         meta: &ManifestMeta,
         tags: &[String],
         referrer_descriptor: Option<&serde_json::Value>,
@@ -237,7 +237,7 @@ impl Meta {
         Ok(())
     }
 
-    pub fn manifest(&self, repo: &str, d: &BlobDigest) -> Result<Option<ManifestMeta>, StoreError> {
+    pub fn manifest(&self, repo: &str, d: &OciDigest) -> Result<Option<ManifestMeta>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(MANIFESTS)?;
         let v = t.get(key2(repo, &d.to_string()).as_str())?;
@@ -247,12 +247,12 @@ impl Meta {
         }
     }
 
-    pub fn tag(&self, repo: &str, tag: &str) -> Result<Option<BlobDigest>, StoreError> {
+    pub fn tag(&self, repo: &str, tag: &str) -> Result<Option<OciDigest>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(TAGS)?;
         let v = t.get(key2(repo, tag).as_str())?;
         match v {
-            Some(g) => BlobDigest::parse(g.value())
+            Some(g) => OciDigest::parse(g.value())
                 .map(Some)
                 .map_err(|e| StoreError::Corrupt(e.to_string())),
             None => Ok(None),
@@ -270,7 +270,7 @@ impl Meta {
     }
 
     /// Remove a manifest, every tag that points at it and its referrer entry.
-    pub fn delete_manifest(&self, repo: &str, d: &BlobDigest) -> Result<Unlinked, StoreError> {
+    pub fn delete_manifest(&self, repo: &str, d: &OciDigest) -> Result<Unlinked, StoreError> {
         let ds = d.to_string();
         let tx = self.db.begin_write()?;
         let out;
@@ -361,7 +361,7 @@ impl Meta {
     pub fn referrers(
         &self,
         repo: &str,
-        subject: &BlobDigest,
+        subject: &OciDigest,
     ) -> Result<Vec<serde_json::Value>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(REFERRERS)?;
@@ -422,7 +422,7 @@ impl Meta {
         &self,
         id: &str,
         repo: &str,
-        d: &BlobDigest,
+        d: &OciDigest,
         size: u64,
     ) -> Result<(), StoreError> {
         let ds = d.to_string();
@@ -575,13 +575,13 @@ fn page<V: redb::Value + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::names::Algorithm;
+    use tessera_format::Algorithm;
 
     /// A fresh database, a digest and a manifest record to store under it.
-    fn fixture() -> (tempfile::TempDir, Meta, BlobDigest, ManifestMeta) {
+    fn fixture() -> (tempfile::TempDir, Meta, OciDigest, ManifestMeta) {
         let dir = tempfile::tempdir().unwrap();
         let m = Meta::open(&dir.path().join("m.redb")).unwrap();
-        let d = BlobDigest::of(Algorithm::Sha256, b"m");
+        let d = OciDigest::of(Algorithm::Sha256, b"m");
         let meta = ManifestMeta {
             media_type: "x".into(),
             size: 1,
@@ -659,7 +659,7 @@ mod tests {
     fn blob_links_are_per_repo() {
         let dir = tempfile::tempdir().unwrap();
         let m = Meta::open(&dir.path().join("m.redb")).unwrap();
-        let d = BlobDigest::of(Algorithm::Sha256, b"b");
+        let d = OciDigest::of(Algorithm::Sha256, b"b");
         m.link_blob("a", &d, 1).unwrap();
         assert_eq!(m.blob_in_repo("a", &d).unwrap(), Some(1));
         assert_eq!(m.blob_in_repo("b", &d).unwrap(), None);

@@ -12,18 +12,20 @@ use crate::body::blob_body;
 use crate::error::{ApiError, Code, StoreError};
 use crate::manifest::parse_manifest;
 use crate::meta::{ManifestMeta, Meta};
-use crate::names::{BlobDigest, DigestHasher, Reference};
+use crate::names::Reference;
 use crate::state::{Registry, Shared};
 use crate::upstream::{header_digest, join, upstream_error, Flight, FlightState, Upstream};
 use axum::body::{Body, Bytes};
 use futures_util::StreamExt;
 use std::io::{Read, Write};
 use std::sync::Arc;
+use tessera_format::OciDigest;
+use tessera_oci::verify::Verifier;
 use tokio::sync::watch;
 
 /// A manifest served by a pull-through repository.
 pub(crate) struct Pulled {
-    pub(crate) digest: BlobDigest,
+    pub(crate) digest: OciDigest,
     pub(crate) meta: ManifestMeta,
     /// Fetched from upstream just now, and a plain image that gets a tessera twin
     /// under --convert-on-push.
@@ -31,7 +33,7 @@ pub(crate) struct Pulled {
 }
 
 impl Pulled {
-    fn cached((digest, meta): (BlobDigest, ManifestMeta)) -> Pulled {
+    fn cached((digest, meta): (OciDigest, ManifestMeta)) -> Pulled {
         Pulled {
             digest,
             meta,
@@ -136,7 +138,7 @@ impl Registry {
         }
         let d = match reference {
             Reference::Digest(want) => {
-                let got = BlobDigest::of(want.algorithm(), &bytes);
+                let got = OciDigest::of(want.algorithm(), &bytes);
                 if &got != want {
                     self.metrics.upstream_errors.inc();
                     return Err(upstream_error(format!(
@@ -145,7 +147,7 @@ impl Registry {
                 }
                 got
             }
-            Reference::Tag(_) => BlobDigest::of(crate::names::Algorithm::Sha256, &bytes),
+            Reference::Tag(_) => OciDigest::of(tessera_format::Algorithm::Sha256, &bytes),
         };
         let meta = ManifestMeta {
             media_type,
@@ -197,7 +199,7 @@ impl Registry {
         self: &Arc<Self>,
         repo: &str,
         reference: &Reference,
-    ) -> Result<Option<(BlobDigest, ManifestMeta)>, ApiError> {
+    ) -> Result<Option<(OciDigest, ManifestMeta)>, ApiError> {
         let (reg, repo, r) = (self.clone(), repo.to_string(), reference.clone());
         tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             let d = match r {
@@ -226,7 +228,7 @@ impl Registry {
     pub(crate) async fn pull_through_blob(
         self: &Arc<Self>,
         repo: &str,
-        d: &BlobDigest,
+        d: &OciDigest,
     ) -> Result<Option<(u64, Arc<Flight>)>, ApiError> {
         if self.proxy.select(repo).is_none() {
             return Ok(None);
@@ -319,7 +321,7 @@ impl Registry {
     pub(crate) async fn fetch_through(
         self: &Arc<Self>,
         repo: &str,
-        d: &BlobDigest,
+        d: &OciDigest,
     ) -> Result<(), ApiError> {
         let Some((_, f)) = self.pull_through_blob(repo, d).await? else {
             return Err(ApiError::new(
@@ -354,7 +356,7 @@ impl Registry {
         up: &Upstream,
         urepo: &str,
         repo: &str,
-        d: &BlobDigest,
+        d: &OciDigest,
         flight: &Flight,
         tx: &watch::Sender<FlightState>,
     ) -> Result<Option<reqwest::Response>, ApiError> {
@@ -388,7 +390,7 @@ impl Registry {
         self: &Arc<Self>,
         resp: reqwest::Response,
         session: &str,
-        d: &BlobDigest,
+        d: &OciDigest,
         size: u64,
         progress: &watch::Sender<FlightState>,
     ) -> Result<(), String> {
@@ -414,7 +416,8 @@ impl Registry {
             }
             w.commit().map_err(|e| e.to_string())
         });
-        let mut hasher = DigestHasher::new(d.algorithm());
+        // Checks the length against Content-Length as the bytes arrive and the digest at the end.
+        let mut verifier = Verifier::new(d.clone(), size, format!("upstream blob {d}"));
         let mut stream = resp.bytes_stream();
         let mut got = 0u64;
         let mut failure = None;
@@ -423,11 +426,10 @@ impl Registry {
                 item = stream.next() => match item {
                     Some(Ok(b)) => {
                         got += b.len() as u64;
-                        if got > size {
-                            failure = Some(format!("upstream sent more than its Content-Length {size}"));
+                        if let Err(e) = verifier.update(&b) {
+                            failure = Some(e.to_string());
                             break;
                         }
-                        hasher.update(&b);
                         if btx.send(b).await.is_err() {
                             break;
                         }
@@ -454,12 +456,7 @@ impl Registry {
                 "upstream transfer ended after {written} of {size} bytes"
             ));
         }
-        let actual = hasher.finish();
-        if &actual != d {
-            return Err(format!(
-                "upstream sent content with digest {actual}, not {d}"
-            ));
-        }
+        verifier.finish().map_err(|e| e.to_string())?;
         let _ = progress.send(FlightState::Running(size));
         Ok(())
     }
@@ -467,13 +464,7 @@ impl Registry {
 
 /// Stream `[offset, offset+len)` of a flight as its bytes arrive; the stream fails if the
 /// download does.
-pub fn flight_body(
-    reg: &Shared,
-    flight: Arc<Flight>,
-    d: BlobDigest,
-    offset: u64,
-    len: u64,
-) -> Body {
+pub fn flight_body(reg: &Shared, flight: Arc<Flight>, d: OciDigest, offset: u64, len: u64) -> Body {
     if *flight.state.borrow() == FlightState::Done {
         return blob_body(reg, d, offset, len);
     }

@@ -8,7 +8,6 @@ use crate::config::{Action, Config};
 use crate::error::{ApiError, Code, ServeError, StoreError};
 use crate::meta::{self, Meta};
 use crate::metrics::Metrics;
-use crate::names::{self, DigestHasher};
 use crate::routes::Route;
 use crate::token::{self, Claims, TokenIssuer};
 use crate::upstream::Proxy;
@@ -16,6 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
+use tessera_format::{Algorithm, DigestHasher};
 
 /// The registry as every handler sees it.
 pub type Shared = Arc<Registry>;
@@ -99,7 +99,7 @@ impl Registry {
     pub(crate) fn take_hasher(&self, id: &str, offset: u64) -> Option<DigestHasher> {
         match self.hashers().remove(id) {
             Some((at, h)) if at == offset => Some(h),
-            _ if offset == 0 => Some(DigestHasher::new(names::Algorithm::Sha256)),
+            _ if offset == 0 => Some(DigestHasher::new(Algorithm::Sha256)),
             _ => None,
         }
     }

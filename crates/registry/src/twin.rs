@@ -8,7 +8,6 @@
 
 use crate::error::{ApiError, StoreError};
 use crate::manifest::parse_manifest;
-use crate::names::{Algorithm, BlobDigest};
 use crate::state::{Registry, Shared};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -16,6 +15,7 @@ use std::sync::Arc;
 use tessera_convert::{Converter, Dictionary, Options};
 use tessera_format::media::ARTIFACT_TYPE;
 use tessera_format::Digest;
+use tessera_format::{Algorithm, OciDigest};
 use tessera_oci::verify::VerifyingReader;
 use tessera_oci::{OciError, RawManifest, RemoteChunk, Store};
 
@@ -23,7 +23,7 @@ use tessera_oci::{OciError, RawManifest, RemoteChunk, Store};
 const LOCAL: &str = "tessera-serve.local";
 
 /// Queue the conversion of `d` (a manifest just stored in `repo`).
-pub fn schedule(reg: &Shared, repo: &str, d: &BlobDigest) {
+pub fn schedule(reg: &Shared, repo: &str, d: &OciDigest) {
     if d.algorithm() != Algorithm::Sha256 {
         return;
     }
@@ -54,7 +54,7 @@ pub fn schedule(reg: &Shared, repo: &str, d: &BlobDigest) {
     });
 }
 
-fn convert_twin(reg: &Arc<Registry>, repo: &str, d: &BlobDigest) -> Result<Option<String>, String> {
+fn convert_twin(reg: &Arc<Registry>, repo: &str, d: &OciDigest) -> Result<Option<String>, String> {
     let existing = reg.meta.referrers(repo, d).map_err(|e| e.to_string())?;
     if existing
         .iter()
@@ -106,14 +106,14 @@ impl LocalRepo {
         }
     }
 
-    fn bd(d: &Digest) -> tessera_oci::Result<BlobDigest> {
-        blob_digest(d)
+    fn bd(d: &Digest) -> OciDigest {
+        OciDigest::from(*d)
     }
 
     /// The blob's size if this repository can read it, fetching it from the pull-through
     /// upstream when needed.
     fn size_of(&self, d: &Digest) -> tessera_oci::Result<u64> {
-        let bd = Self::bd(d)?;
+        let bd = Self::bd(d);
         if let Some(s) = self
             .reg
             .meta
@@ -138,20 +138,13 @@ impl LocalRepo {
         Err(OciError::NotFound(format!("blob {d} in {}", self.repo)))
     }
 
-    fn link(&self, d: &BlobDigest, size: u64) -> tessera_oci::Result<()> {
+    fn link(&self, d: &OciDigest, size: u64) -> tessera_oci::Result<()> {
         let _r = self.reg.read_lock();
         self.reg
             .meta
             .link_blob(&self.repo, d, size)
             .map_err(store_err)
     }
-}
-
-/// The registry's digest type for a tessera digest. A digest that does not parse is an
-/// error: a stand-in (such as the empty blob's digest) would read or write the wrong blob.
-fn blob_digest(d: &impl std::fmt::Display) -> tessera_oci::Result<BlobDigest> {
-    let s = d.to_string();
-    BlobDigest::parse(&s).map_err(|e| OciError::Registry(format!("digest {s:?}: {e}")))
 }
 
 fn store_err(e: StoreError) -> OciError {
@@ -168,7 +161,7 @@ impl Store for LocalRepo {
     }
 
     fn manifest(&self, reference: &str) -> tessera_oci::Result<RawManifest> {
-        let d = match BlobDigest::parse(reference) {
+        let d = match OciDigest::parse(reference) {
             Ok(d) => d,
             Err(_) => self
                 .reg
@@ -190,10 +183,9 @@ impl Store for LocalRepo {
             .map_err(store_err)?
             .read_to_end(&mut bytes)
             .map_err(|e| OciError::io("reading a manifest", e))?;
-        let digest: Digest = d
-            .to_string()
-            .parse()
-            .map_err(|_| OciError::Unsupported(format!("manifest digest {d} (sha256 only)")))?;
+        let digest = d
+            .sha256()
+            .ok_or_else(|| OciError::Unsupported(format!("manifest digest {d} (sha256 only)")))?;
         if Digest::of(&bytes) != digest {
             return Err(OciError::DigestMismatch {
                 what: format!("manifest {d}"),
@@ -213,7 +205,7 @@ impl Store for LocalRepo {
         let r = self
             .reg
             .backend
-            .open(&Self::bd(digest)?, 0)
+            .open(&Self::bd(digest), 0)
             .map_err(store_err)?;
         Ok(Box::new(VerifyingReader::new(
             r,
@@ -228,7 +220,7 @@ impl Store for LocalRepo {
         let mut out = Vec::with_capacity(len as usize);
         self.reg
             .backend
-            .open(&Self::bd(digest)?, offset)
+            .open(&Self::bd(digest), offset)
             .map_err(store_err)?
             .take(len)
             .read_to_end(&mut out)
@@ -240,13 +232,13 @@ impl Store for LocalRepo {
         Ok(self
             .reg
             .meta
-            .blob_in_repo(&self.repo, &Self::bd(digest)?)
+            .blob_in_repo(&self.repo, &Self::bd(digest))
             .map_err(store_err)?
             .is_some())
     }
 
     fn put_blob_file(&self, digest: &Digest, size: u64, path: &Path) -> tessera_oci::Result<()> {
-        let bd = Self::bd(digest)?;
+        let bd = Self::bd(digest);
         let session = uuid::Uuid::new_v4().to_string();
         let b = &self.reg.backend;
         b.upload_create(&session).map_err(store_err)?;
@@ -286,7 +278,7 @@ impl Store for LocalRepo {
     }
 
     fn put_blob_bytes(&self, digest: &Digest, bytes: &[u8]) -> tessera_oci::Result<()> {
-        let bd = Self::bd(digest)?;
+        let bd = Self::bd(digest);
         if Digest::of(bytes) != *digest {
             return Err(OciError::DigestMismatch {
                 what: "blob".into(),
@@ -309,7 +301,7 @@ impl Store for LocalRepo {
         media_type: &str,
     ) -> tessera_oci::Result<Digest> {
         let digest = Digest::of(bytes);
-        let bd = Self::bd(&digest)?;
+        let bd = Self::bd(&digest);
         let parsed = parse_manifest(bytes, Some(media_type), &bd).map_err(api_err)?;
         let tags: Vec<String> = tag.map(|t| vec![t.to_string()]).unwrap_or_default();
         self.reg
@@ -328,7 +320,7 @@ impl Store for LocalRepo {
             return Ok(());
         }
         if let Some((host, repo)) = from.registry_location() {
-            let bd = Self::bd(digest)?;
+            let bd = Self::bd(digest);
             if host == LOCAL {
                 if let Some(s) = self.reg.meta.blob_in_repo(&repo, &bd).map_err(store_err)? {
                     return self.link(&bd, s);
@@ -365,7 +357,7 @@ impl Store for LocalRepo {
                     continue;
                 }
             };
-            let bd = Self::bd(&pack)?;
+            let bd = Self::bd(&pack);
             let mut found = None;
             // With auth, the pushing user may not read other repositories: reuse only packs
             // already in this one. Without auth every repository is readable by anyone.
@@ -407,11 +399,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_digest_that_does_not_parse_is_an_error_not_the_empty_blob() {
+    fn a_tessera_digest_names_the_same_blob_in_the_registry() {
         let d = Digest::of(b"x");
-        assert_eq!(blob_digest(&d).unwrap().to_string(), d.to_string());
-        for bad in ["sha256:zz", "", "md5:d41d8cd98f00b204e9800998ecf8427e"] {
-            assert!(blob_digest(&bad).is_err(), "{bad:?} parsed");
-        }
+        assert_eq!(LocalRepo::bd(&d).to_string(), d.to_string());
+        assert_eq!(LocalRepo::bd(&d).sha256(), Some(d));
     }
 }

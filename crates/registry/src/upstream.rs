@@ -1,25 +1,25 @@
-//! Upstream registries of the pull-through cache: their HTTP clients and token flow,
-//! and the shared blob downloads in progress ([`Flight`]). What the registry does with
-//! them is in `proxy.rs`.
+//! Upstream registries of the pull-through cache: one `tessera_oci::client::Client` per
+//! upstream (challenges answered, bearer tokens cached by scope, transient failures
+//! retried), and the shared blob downloads in progress ([`Flight`]). What the registry
+//! does with them is in `proxy.rs`.
 //!
 //! Upstream credentials (configured per upstream) are used only towards that upstream;
 //! client credentials are never forwarded.
 
 use crate::config::UpstreamConfig;
 use crate::error::{ApiError, Code};
-use crate::names::BlobDigest;
+use reqwest::header::ACCEPT;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use tessera_format::OciDigest;
+use tessera_oci::auth::Credentials;
+use tessera_oci::client::{repo_scope, Client, Request, ACCEPT_MANIFESTS};
+use tessera_oci::OciError;
 use tokio::sync::watch;
-
-const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
 pub struct Upstream {
     pub(crate) cfg: UpstreamConfig,
-    client: reqwest::Client,
-    /// scope → (bearer token, valid until)
-    tokens: Mutex<HashMap<String, (String, Instant)>>,
+    client: Client,
 }
 
 pub struct Proxy {
@@ -54,16 +54,15 @@ impl Proxy {
     pub fn new(cfgs: &[UpstreamConfig]) -> Result<Proxy, String> {
         let mut upstreams = Vec::new();
         for cfg in cfgs {
-            let client = reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .read_timeout(Duration::from_secs(60))
-                .redirect(reqwest::redirect::Policy::limited(5))
-                .build()
-                .map_err(|e| e.to_string())?;
+            let creds = cfg
+                .username
+                .as_ref()
+                .map(|u| Credentials::new(u, cfg.password.as_deref().unwrap_or("")));
+            let client = Client::for_url(&cfg.url, creds)
+                .map_err(|e| format!("upstream {}: {e}", cfg.name))?;
             upstreams.push(Upstream {
                 cfg: cfg.clone(),
                 client,
-                tokens: Mutex::new(HashMap::new()),
             });
         }
         Ok(Proxy {
@@ -94,7 +93,8 @@ impl Proxy {
 }
 
 impl Upstream {
-    /// GET or HEAD `path` on the upstream, answering its auth challenge if any.
+    /// GET or HEAD `path` on the upstream, answering its auth challenge if any. Any
+    /// answer but a refused authentication is the caller's to read.
     pub(crate) async fn send(
         &self,
         method: reqwest::Method,
@@ -102,150 +102,39 @@ impl Upstream {
         repo: &str,
     ) -> Result<reqwest::Response, ApiError> {
         let url = format!("{}{path}", self.cfg.url);
-        let scope = format!("repository:{repo}:pull");
-        let build = |auth: Option<String>| {
-            let mut r = self
-                .client
-                .request(method.clone(), &url)
-                .header("accept", ACCEPT);
-            if let Some(a) = auth {
-                r = r.header("authorization", a);
+        let req = Request::new(method, url, repo_scope(repo, false))
+            .header(ACCEPT, ACCEPT_MANIFESTS)
+            .map_err(|e| self.error(path, e))?;
+        self.client
+            .send(&req)
+            .await
+            .map_err(|e| self.error(path, e))
+    }
+
+    /// The proxy's answer for a failed upstream request.
+    fn error(&self, path: &str, e: OciError) -> ApiError {
+        let name = &self.cfg.name;
+        match e {
+            OciError::Unauthorized { status, .. } if self.cfg.username.is_some() => {
+                let status = reqwest::StatusCode::from_u16(status)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|_| status.to_string());
+                upstream_error(format!("upstream {name} answered {status} for {path}"))
             }
-            r
-        };
-        let cached = self
-            .tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&scope)
-            .filter(|(_, until)| *until > Instant::now())
-            .map(|(t, _)| format!("Bearer {t}"));
-        let basic = self.basic();
-        let first = cached.clone().or_else(|| basic.clone());
-        let resp = build(first)
-            .send()
-            .await
-            .map_err(|e| upstream_error(format!("upstream {} unreachable: {e}", self.cfg.name)))?;
-        if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
-            return Ok(resp);
+            OciError::Unauthorized { .. } => upstream_error(format!(
+                "upstream {name} wants credentials; set username/password for it in the config file"
+            )),
+            OciError::Http(m) => upstream_error(format!("upstream {name} unreachable: {m}")),
+            other => upstream_error(format!("upstream {name}: {other}")),
         }
-        let challenge = resp
-            .headers()
-            .get("www-authenticate")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let auth = if challenge.to_ascii_lowercase().starts_with("bearer") {
-            let token = self.token(&challenge, &scope).await?;
-            format!("Bearer {token}")
-        } else {
-            basic.ok_or_else(|| {
-                upstream_error(format!(
-                    "upstream {} wants credentials; set username/password for it in the config file",
-                    self.cfg.name
-                ))
-            })?
-        };
-        build(Some(auth))
-            .send()
-            .await
-            .map_err(|e| upstream_error(format!("upstream {} unreachable: {e}", self.cfg.name)))
-    }
-
-    fn basic(&self) -> Option<String> {
-        use base64::Engine as _;
-        let (u, p) = (
-            self.cfg.username.as_ref()?,
-            self.cfg.password.as_deref().unwrap_or(""),
-        );
-        Some(format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
-        ))
-    }
-
-    /// The anonymous (or credentialed) bearer-token flow.
-    async fn token(&self, challenge: &str, scope: &str) -> Result<String, ApiError> {
-        let params = parse_challenge(challenge);
-        let realm = params
-            .get("realm")
-            .ok_or_else(|| upstream_error("upstream bearer challenge without realm"))?;
-        let mut req = self.client.get(realm).query(&[("scope", scope)]);
-        if let Some(s) = params.get("service") {
-            req = req.query(&[("service", s)]);
-        }
-        if let Some(b) = self.basic() {
-            req = req.header("authorization", b);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| upstream_error(format!("token server {realm}: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(upstream_error(format!(
-                "token server {realm} answered {}",
-                resp.status()
-            )));
-        }
-        let v: serde_json::Value = resp
-            .json()
-            .await
-            .map_err(|e| upstream_error(format!("token server {realm}: {e}")))?;
-        let token = v
-            .get("token")
-            .or_else(|| v.get("access_token"))
-            .and_then(|t| t.as_str())
-            .ok_or_else(|| upstream_error(format!("token server {realm} sent no token")))?
-            .to_string();
-        let ttl = v
-            .get("expires_in")
-            .and_then(|e| e.as_u64())
-            .unwrap_or(60)
-            .max(10);
-        self.tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                scope.to_string(),
-                (token.clone(), Instant::now() + Duration::from_secs(ttl - 5)),
-            );
-        Ok(token)
     }
 }
 
-pub(crate) fn parse_challenge(h: &str) -> HashMap<String, String> {
-    let rest = h.split_once(' ').map(|x| x.1).unwrap_or("");
-    let mut out = HashMap::new();
-    let mut s = rest;
-    while let Some(eq) = s.find('=') {
-        let key = s[..eq]
-            .trim()
-            .trim_start_matches(',')
-            .trim()
-            .to_ascii_lowercase();
-        let after = &s[eq + 1..];
-        let (val, next) = if let Some(stripped) = after.strip_prefix('"') {
-            match stripped.find('"') {
-                Some(end) => (&stripped[..end], &stripped[end + 1..]),
-                None => (stripped, ""),
-            }
-        } else {
-            match after.find(',') {
-                Some(end) => (&after[..end], &after[end..]),
-                None => (after, ""),
-            }
-        };
-        out.insert(key, val.to_string());
-        s = next;
-    }
-    out
-}
-
-pub(crate) fn header_digest(resp: &reqwest::Response) -> Option<BlobDigest> {
+pub(crate) fn header_digest(resp: &reqwest::Response) -> Option<OciDigest> {
     resp.headers()
         .get("docker-content-digest")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| BlobDigest::parse(v).ok())
+        .and_then(|v| OciDigest::parse(v).ok())
 }
 
 /// Wait until a flight someone else started has an answer from upstream.
@@ -272,18 +161,6 @@ pub(crate) async fn join(f: Arc<Flight>) -> Result<Option<(u64, Arc<Flight>)>, A
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn challenges() {
-        let c = parse_challenge(
-            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a:pull""#,
-        );
-        assert_eq!(c["realm"], "https://auth.example/token");
-        assert_eq!(c["service"], "registry.example");
-        assert_eq!(c["scope"], "repository:a:pull");
-        let c = parse_challenge("Basic realm=x");
-        assert_eq!(c["realm"], "x");
-    }
 
     #[test]
     fn selection() {
