@@ -809,7 +809,10 @@ fn htpasswd_auth_with_per_repository_rules() {
     let r = get("/v2/private/debian/manifests/1", None);
     assert_eq!(r.status(), 401);
     // A bearer challenge naming the token endpoint and the scope this request needs.
-    let chal = r.headers()["www-authenticate"].to_str().unwrap().to_string();
+    let chal = r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(
         chal.starts_with("Bearer realm=\"http://")
             && chal.contains("/token\"")
