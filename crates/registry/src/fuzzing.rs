@@ -65,4 +65,18 @@ pub fn registry_inputs(data: &[u8]) {
 
     // An upstream's WWW-Authenticate challenge.
     let _ = tessera_oci::auth::Challenge::parse(&text);
+
+    // A bearer token a client sends, and the scopes of a token request: nothing
+    // unsigned is ever accepted, and accepted scopes name valid repositories.
+    let issuer =
+        crate::token::TokenIssuer::with_key(&[9u8; 32], std::time::Duration::from_secs(60));
+    assert!(
+        issuer.verify(&text).is_err(),
+        "an unsigned token was accepted"
+    );
+    if let Ok(scopes) = crate::token::parse_scopes([text.as_ref()]) {
+        for s in scopes {
+            assert!(valid_repo(&s.name));
+        }
+    }
 }
