@@ -26,6 +26,7 @@ impl RegistryArgs {
             plain_http: self.plain_http,
             creds: self.creds.clone(),
             platform: self.platform.clone(),
+            retries: None,
         }
     }
 

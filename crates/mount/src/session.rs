@@ -59,6 +59,12 @@ pub struct RegistryOptions {
     /// Platform to pick from a multi-platform image (`os/arch`).
     #[serde(default)]
     pub platform: Option<String>,
+    /// Retries of a transiently failed registry request inside the client (None: the
+    /// client's default). A mount sets 0: its fetcher retries with its own backoff,
+    /// deadline (`--fetch-timeout`) and counters, and two layers of retries would only
+    /// hide outages from them.
+    #[serde(skip)]
+    pub retries: Option<u32>,
 }
 
 impl RegistryOptions {
@@ -67,6 +73,7 @@ impl RegistryOptions {
         let r = ImageRef::parse(reference, self.plain_http)?;
         let opts = ClientOptions {
             creds: self.creds.clone(),
+            retries: self.retries,
             ..ClientOptions::default()
         };
         let (store, tag) = tessera_oci::open(&r, &opts)?;
@@ -260,7 +267,11 @@ pub fn start(
         })?,
         None => Vec::new(),
     };
-    let (source, img) = o.reg.open_image(reference)?;
+    let reg = RegistryOptions {
+        retries: Some(0),
+        ..o.reg.clone()
+    };
+    let (source, img) = reg.open_image(reference)?;
     // The index download is the mount's bandwidth sample (see FetchOptions).
     let rate = img.index_desc.size as f64 / img.index_fetch.as_secs_f64().max(1e-6);
     tracing::info!(image = %reference, index_bytes = img.index_desc.size, bytes_per_s = rate as u64, "index fetched");

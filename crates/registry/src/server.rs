@@ -280,9 +280,13 @@ pub async fn serve(config: Config, ready: impl FnOnce(SocketAddr, bool)) -> Resu
     })?;
     let handle = axum_server::Handle::new();
     {
+        // The handlers are installed here, before `ready` says we listen: a signal that
+        // arrives right after must already mean a graceful shutdown, not the default
+        // action (which kills the process).
+        let signals = shutdown_signals();
         let handle = handle.clone();
         tokio::spawn(async move {
-            shutdown_signal().await;
+            signals.await;
             tracing::info!("shutting down: finishing in-flight requests");
             handle.graceful_shutdown(Some(grace));
         });
@@ -338,17 +342,30 @@ async fn start_up<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await?
 }
 
-async fn shutdown_signal() {
+/// A future that completes on SIGTERM or SIGINT; the handlers are installed when this
+/// is called, not when the future is first polled.
+fn shutdown_signals() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            (Ok(mut term), Err(_)) => {
+                term.recv().await;
+            }
+            (Err(_), Ok(mut int)) => {
+                int.recv().await;
+            }
+            (Err(e), Err(_)) => {
+                tracing::warn!(error = %e, "no signal handlers: stop the registry with SIGKILL");
+                std::future::pending::<()>().await;
+            }
         }
     }
 }
