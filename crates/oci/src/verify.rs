@@ -1,12 +1,8 @@
 //! Verification of content against its descriptor (digest and size), one way for every
-//! reader of blobs: [`VerifyingReader`] for blocking readers, [`VerifyingStream`] for the
-//! async byte streams of the registry's proxy.
+//! reader of blobs: [`Verifier`] fed piece by piece (the registry's proxy feeds it the
+//! async pieces of an upstream download), and [`VerifyingReader`] for blocking readers.
 
-use bytes::Bytes;
-use futures_util::Stream;
 use std::io::{self, Read};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use tessera_format::{DigestHasher, OciDigest};
 
 /// Digest and size checking, fed piece by piece.
@@ -116,65 +112,6 @@ impl<R: Read> Read for VerifyingReader<R> {
     }
 }
 
-/// Wraps a stream of byte pieces; ends with an `InvalidData` error instead of its end
-/// when the bytes do not match the descriptor. Pieces pass through as they arrive.
-pub struct VerifyingStream<S> {
-    inner: S,
-    v: Verifier,
-    done: bool,
-}
-
-impl<S> VerifyingStream<S> {
-    pub fn new(
-        inner: S,
-        expected: impl Into<OciDigest>,
-        size: u64,
-        what: impl Into<String>,
-    ) -> Self {
-        VerifyingStream {
-            inner,
-            v: Verifier::new(expected, size, what),
-            done: false,
-        }
-    }
-}
-
-impl<S, E> Stream for VerifyingStream<S>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: Into<io::Error>,
-{
-    type Item = io::Result<Bytes>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_next(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(piece))) => match this.v.update(&piece) {
-                Ok(()) => Poll::Ready(Some(Ok(piece))),
-                Err(e) => {
-                    this.done = true;
-                    Poll::Ready(Some(Err(e)))
-                }
-            },
-            Poll::Ready(Some(Err(e))) => {
-                this.done = true;
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => {
-                this.done = true;
-                match this.v.finish() {
-                    Ok(()) => Poll::Ready(None),
-                    Err(e) => Poll::Ready(Some(Err(e))),
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,47 +146,5 @@ mod tests {
         assert!(VerifyingReader::new(&b"hello worle"[..], d5, 11, "blob")
             .read_to_end(&mut Vec::new())
             .is_err());
-    }
-
-    #[test]
-    fn streams_are_verified() {
-        use futures_util::StreamExt;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let pieces = |p: &[&'static [u8]]| {
-            futures_util::stream::iter(
-                p.iter()
-                    .map(|b| Ok::<_, io::Error>(Bytes::from_static(b)))
-                    .collect::<Vec<_>>(),
-            )
-        };
-        let d = Digest::of(b"hello world");
-        let all: Vec<_> = rt.block_on(
-            VerifyingStream::new(pieces(&[b"hello ", b"world"]), d, 11, "b").collect::<Vec<_>>(),
-        );
-        assert_eq!(all.len(), 2);
-        assert!(all.iter().all(|r| r.is_ok()));
-        let bad: Vec<_> = rt.block_on(
-            VerifyingStream::new(pieces(&[b"hello ", b"worle"]), d, 11, "b").collect::<Vec<_>>(),
-        );
-        assert!(bad
-            .last()
-            .unwrap()
-            .as_ref()
-            .unwrap_err()
-            .to_string()
-            .contains("mismatch"));
-        let long: Vec<_> = rt.block_on(
-            VerifyingStream::new(pieces(&[b"hello ", b"world", b"!"]), d, 11, "b")
-                .collect::<Vec<_>>(),
-        );
-        assert!(long
-            .last()
-            .unwrap()
-            .as_ref()
-            .unwrap_err()
-            .to_string()
-            .contains("longer"));
     }
 }
