@@ -40,6 +40,12 @@ if [ ${#need[@]} -gt 0 ]; then
   for i in 1 2 3; do apt-get install -y -q "${need[@]}" && break; [ "$i" = 3 ] && exit 1; sleep 2; done
 fi
 
+step "containerd 2.x ($TESSERA_CACHE/containerd2)"
+# The node tests run containerd 2.x (ctr pull through the transfer service, which passes
+# image information to remote snapshotters); Debian 12's own is 1.6.
+TESSERA_CONTAINERD2=$(bash scripts/containerd2.sh "$TESSERA_CACHE/containerd2")
+export TESSERA_CONTAINERD2
+
 step "python packages ($TESSERA_VENV)"
 # oras-py drives the artifact/referrers test; pip reads the machine's own index config.
 if ! "$TESSERA_VENV/bin/python3" -m pip --version >/dev/null 2>&1; then

@@ -6,6 +6,7 @@ mod output;
 mod args;
 mod mount_cmd;
 mod mountd;
+mod node_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -157,6 +158,30 @@ Examples:
   tessera umount /run/app"
     )]
     Mountd(mountd::MountdArgs),
+    /// The node daemon: containerd's remote snapshotter (proxy plugin `tessera`), every
+    /// lazy mount of the node, /metrics and /healthz (root needed).
+    #[command(
+        after_help = "Runs in the foreground; prints `listening on SOCKET` once ready. SIGTERM or SIGINT
+stops it cleanly. containerd reaches it as a proxy plugin (docs/node.md):
+
+  [proxy_plugins.tessera]
+    type = \"snapshot\"
+    address = \"/run/tessera/snapshotter.sock\"
+    [proxy_plugins.tessera.exports]
+      enable_remote_snapshot_annotations = \"true\"
+
+A plain image whose tessera twin the registry holds (found through the referrers API)
+runs without being downloaded: its root is overlayfs over a lazy mount of the twin.
+Images without a twin are unpacked as by containerd's overlayfs snapshotter.
+
+Examples:
+  tessera node                                        # /var/lib/tessera, /run/tessera/snapshotter.sock
+  tessera node --root /srv/tessera --quota 50G --log-format json
+  tessera node --config /etc/tessera/node.toml
+  ctr image pull --snapshotter tessera registry:5000/app:1 && ctr run --snapshotter tessera --rm registry:5000/app:1 c1
+  tessera node gc --root /var/lib/tessera             # what a killed daemon left (it also does this at start)"
+    )]
+    Node(node_cmd::NodeArgs),
     /// Store a read profile beside a tessera image (an OCI 1.1 referrer of its manifest),
     /// or show the one a mount would use.
     #[command(after_help = "Examples:
@@ -380,6 +405,7 @@ fn run(cli: &Cli) -> Result<i32> {
         Cmd::Serve(args) => serve(args),
         Cmd::Mount(args) => mount_cmd::mount(args),
         Cmd::Mountd(args) => mountd::mountd(args),
+        Cmd::Node(args) => node_cmd::node(args),
         Cmd::Umount { dir } => mount_cmd::umount(dir),
         Cmd::Cache { cmd } => mount_cmd::cache(cmd),
         Cmd::Profile { cmd } => mount_cmd::profile(cmd),

@@ -94,6 +94,26 @@ pub fn resolve_image(
     }
 }
 
+/// Whether a manifest is a tessera image (it has an index layer).
+pub fn is_tessera(m: &ImageManifest) -> bool {
+    m.layers
+        .iter()
+        .any(|l| l.media_type == media::INDEX_MEDIA_TYPE)
+}
+
+/// The tessera twin of the plain image manifest `subject`, if the store has one: the
+/// first referrer of artifact type `application/vnd.tessera.image.v1`.
+pub fn find_twin(store: &dyn Store, subject: &Digest) -> Result<Option<Digest>> {
+    let found = store.referrers(subject, media::ARTIFACT_TYPE)?;
+    match found
+        .iter()
+        .find(|d| d.artifact_type.as_deref() == Some(media::ARTIFACT_TYPE))
+    {
+        Some(d) => Ok(Some(d.sha256()?)),
+        None => Ok(None),
+    }
+}
+
 /// A tessera image opened from a store.
 pub struct TesseraImage {
     pub manifest: ImageManifest,
@@ -108,8 +128,17 @@ pub struct TesseraImage {
 
 impl TesseraImage {
     /// Open the tessera image named by `reference` (tag or digest) in `store`.
+    /// A plain image whose tessera twin the store knows (a manifest of artifact type
+    /// `application/vnd.tessera.image.v1` whose `subject` is the plain manifest, found
+    /// through the referrers API) opens as that twin.
     pub fn open(store: &dyn Store, reference: &str, platform: &str) -> Result<TesseraImage> {
-        let (manifest, manifest_desc) = resolve_image(store, reference, platform)?;
+        let (mut manifest, mut manifest_desc) = resolve_image(store, reference, platform)?;
+        if !is_tessera(&manifest) {
+            if let Some(twin) = find_twin(store, &manifest_desc.sha256()?)? {
+                tracing::debug!(%reference, twin = %twin, "opening the tessera twin of a plain image");
+                (manifest, manifest_desc) = resolve_image(store, &twin.to_string(), platform)?;
+            }
+        }
         let Some(index_desc) = manifest
             .layers
             .iter()
