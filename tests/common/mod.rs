@@ -408,4 +408,5 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+pub mod node;
 pub mod serve;
