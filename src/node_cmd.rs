@@ -92,7 +92,7 @@ fn gc(root: &std::path::Path, json: bool) -> Result<i32> {
     .context(
         "opening the node's state (is `tessera node` running on it? it cleans up by itself)",
     )?;
-    let removed = node.cleanup()?;
+    let removed = node.cleaned_at_open() + node.cleanup()?;
     node.shutdown();
     let mut out = std::io::stdout().lock();
     if json {

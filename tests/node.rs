@@ -93,3 +93,224 @@ fn containerd_runs_plain_images_lazily_from_their_twins_and_exactly_when_they_sh
     }
     assert_eq!(node.metric("tessera_node_lazy_images"), 0.0);
 }
+
+#[test]
+fn the_snapshots_api_keeps_containerds_semantics() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let node = NodeDaemon::start(
+        &work.path().join("node"),
+        &work.path().join("tessera.sock"),
+        &work.path().join("node.log"),
+    );
+    let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
+    let sn = |args: &[&str]| -> String {
+        run_ok(
+            ctd.ctr()
+                .args(["snapshots", "--snapshotter", "tessera"])
+                .args(args),
+        )
+    };
+    let sn_err = |args: &[&str]| -> String {
+        common::run_err(
+            ctd.ctr()
+                .args(["snapshots", "--snapshotter", "tessera"])
+                .args(args),
+        )
+    };
+    // Write into an active snapshot through the mounts containerd is told to make.
+    let target = work.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let write_through = |key: &str, file: &str, data: &str| {
+        let mount = sn(&["mounts", &target.display().to_string(), key]);
+        run_ok(std::process::Command::new("sh").args(["-c", mount.trim()]));
+        std::fs::write(target.join(file), data).unwrap();
+        run_ok(std::process::Command::new("umount").arg(&target));
+    };
+    sn(&["prepare", "k1"]);
+    write_through("k1", "a", "one");
+    sn(&["commit", "c1", "k1"]);
+    sn(&["prepare", "k2", "c1"]);
+    write_through("k2", "b", "two");
+    sn(&["commit", "c2", "k2"]);
+    // A view of c2 sees both layers, read-only.
+    sn(&["view", "v2", "c2"]);
+    let mount = sn(&["mounts", &target.display().to_string(), "v2"]);
+    run_ok(std::process::Command::new("sh").args(["-c", mount.trim()]));
+    assert_eq!(std::fs::read_to_string(target.join("a")).unwrap(), "one");
+    assert_eq!(std::fs::read_to_string(target.join("b")).unwrap(), "two");
+    assert!(
+        std::fs::write(target.join("c"), "x").is_err(),
+        "a view is writable"
+    );
+    run_ok(std::process::Command::new("umount").arg(&target));
+    // Labels are kept and returned; single labels can be changed.
+    sn(&["label", "c1", "team=storage", "tier=gold"]);
+    sn(&["label", "c1", "tier="]);
+    let info: serde_json::Value = serde_json::from_str(&sn(&["info", "c1"])).unwrap();
+    assert_eq!(info["Labels"]["team"], "storage", "{info}");
+    assert!(info["Labels"].get("tier").is_none(), "{info}");
+    assert_eq!(info["Kind"], "Committed", "{info}");
+    // Usage counts the layer's own bytes.
+    let usage = sn(&["usage", "c1"]);
+    assert!(usage.contains("c1"), "{usage}");
+    // Walk lists them all, with their parents.
+    let ls = sn(&["ls"]);
+    for (k, parent) in [("c1", ""), ("c2", "c1"), ("v2", "c2")] {
+        assert!(
+            ls.lines().any(|l| l.split_whitespace().next() == Some(k)
+                && (parent.is_empty() || l.contains(parent))),
+            "{k} missing from:\n{ls}"
+        );
+    }
+    // A parent cannot go before its children; a key cannot be used twice.
+    let e = sn_err(&["rm", "c1"]);
+    assert!(e.contains("child") || e.contains("precondition"), "{e}");
+    let e = sn_err(&["prepare", "k3", "no-such-parent"]);
+    assert!(
+        e.contains("not found") || e.contains("does not exist"),
+        "{e}"
+    );
+    sn(&["prepare", "k3", "c2"]);
+    let e = sn_err(&["prepare", "k3", "c2"]);
+    assert!(e.contains("already exists"), "{e}");
+    for k in ["k3", "v2", "c2", "c1"] {
+        sn(&["rm", k]);
+    }
+    assert!(sn(&["ls"]).lines().count() <= 1);
+    // containerd removes backend snapshots in its garbage collection, soon after: then
+    // nothing of them is left on disk.
+    let start = Instant::now();
+    loop {
+        let left: Vec<_> = std::fs::read_dir(node.root.join("snapshots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "snapshot directories left: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_killed_node_daemon_comes_back_with_its_lazy_images_and_clears_debris() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let a = TesseraServe::start_args(&["--convert-on-push"]);
+    push(&a.addr, "debian-python", "lib/python:3");
+    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
+    let root = work.path().join("node");
+    let socket = work.path().join("tessera.sock");
+    let log = work.path().join("node.log");
+    let mut node = NodeDaemon::start(&root, &socket, &log);
+    let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
+    let python = format!("{}/lib/python:3", a.addr);
+    ctd.pull(&python);
+    assert_eq!(ctd.run(&python, "one", "python3 -c 'print(1)'"), "1\n");
+    // Killed as a crash would: its lazy mount is dead, debris of a half-made snapshot
+    // is on disk.
+    node.kill9();
+    let debris = root.join("snapshots/999999");
+    std::fs::create_dir_all(debris.join("fs/etc")).unwrap();
+    let node = NodeDaemon::start(&root, &socket, &log);
+    assert!(!debris.exists(), "debris of a crash survived a start");
+    // containerd's connection to the plugin backs off after the crash (its gRPC client
+    // fails calls fast until it reconnects): wait for it, bounded.
+    let start = Instant::now();
+    while !ctd
+        .ctr()
+        .args(["snapshots", "--snapshotter", "tessera", "ls"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "containerd did not reconnect to the restarted node daemon within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // containerd (which stayed up) still finds the image unpacked, and a new container
+    // runs from the lazy mount the new daemon made.
+    assert_eq!(
+        ctd.run(
+            &python,
+            "two",
+            "python3 -c 'print(2)' && sha256sum /etc/os-release | cut -c1-16"
+        ),
+        "2\n59a77b5f2666d9c8\n"
+    );
+    assert_eq!(node.metric("tessera_node_lazy_mounts"), 1.0);
+    drop(node);
+    // `tessera node gc` does the same for a stopped daemon.
+    std::fs::create_dir_all(root.join("snapshots/999998/fs")).unwrap();
+    let out = common::run_json(
+        common::tessera()
+            .args(["node", "gc", "--json", "--root"])
+            .arg(&root),
+    );
+    assert_eq!(out["removed"], 1, "{out}");
+}
+
+#[test]
+fn a_twin_that_does_not_open_leaves_the_image_to_a_normal_unpack_with_a_log_line() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    // docker-registry has no referrers API: the twin is found under the fallback tag.
+    let reg = common::DockerRegistry::start();
+    push(&reg.addr, "debian-python", "lib/python:3");
+    let plain_digest = manifest_digest("debian-python");
+    // A "twin" whose index is garbage (a registry without tessera's checks takes it).
+    let store_ref =
+        tessera_oci::ImageRef::parse(&format!("{}/lib/python", reg.addr), false).unwrap();
+    let (store, _) = tessera_oci::open(&store_ref, &Default::default()).unwrap();
+    let plain = store.manifest(&plain_digest).unwrap();
+    let plain_json: serde_json::Value = serde_json::from_slice(&plain.bytes).unwrap();
+    let garbage = b"this is not a tessera index".to_vec();
+    let gd = tessera_format::Digest::of(&garbage);
+    store.put_blob_bytes(&gd, &garbage).unwrap();
+    let twin = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.tessera.image.v1",
+        "config": plain_json["config"],
+        "layers": [{"mediaType": "application/vnd.tessera.index.v1", "digest": gd.to_string(), "size": garbage.len()}],
+        "subject": {"mediaType": plain.media_type, "digest": plain_digest, "size": plain.bytes.len()},
+    });
+    let subject: tessera_oci::manifest::Descriptor =
+        serde_json::from_value(twin["subject"].clone()).unwrap();
+    store
+        .put_referrer(
+            &serde_json::to_vec(&twin).unwrap(),
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.tessera.image.v1",
+            &subject,
+        )
+        .unwrap();
+    let node = NodeDaemon::start(
+        &work.path().join("node"),
+        &work.path().join("tessera.sock"),
+        &work.path().join("node.log"),
+    );
+    let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
+    let python = format!("{}/lib/python:3", reg.addr);
+    ctd.pull(&python);
+    // containerd unpacked the layers itself, and the container's root is exact.
+    let content = ctd.content();
+    assert!(content.contains("sha256:a92f83cd0281"), "{content}");
+    let out = ctd.run(&python, "py", CHECK);
+    assert_eq!(out, expected("debian-python", work.path()));
+    assert_eq!(node.metric("tessera_node_lazy_images"), 0.0);
+    assert_eq!(node.metric("tessera_node_twin_fallbacks_total"), 1.0);
+    let log = node.log();
+    assert!(
+        log.contains("is unusable") && log.contains("containerd unpacks it"),
+        "no log line about the broken twin:\n{log}"
+    );
+}

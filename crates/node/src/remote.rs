@@ -120,12 +120,15 @@ impl Resolver {
                 return Ok(t.clone());
             }
         }
-        let found = self.lookup(info)?.map(Arc::new);
+        // A failed lookup counts as "no twin" for a while, so the image's other layers
+        // are unpacked as usual without asking (and failing) again.
+        let found = self.lookup(info);
+        let cached = found.as_ref().ok().cloned().flatten().map(Arc::new);
         self.cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(info.manifest, (found.clone(), Instant::now()));
-        Ok(found)
+            .insert(info.manifest, (cached.clone(), Instant::now()));
+        found.map(|_| cached)
     }
 
     fn lookup(&self, info: &LayerInfo) -> Result<Option<Twin>, NodeError> {
@@ -165,6 +168,20 @@ impl Resolver {
             tracing::debug!(image = %info.image_ref, "no tessera twin: unpacking as usual");
             return Ok(None);
         };
+        // The twin must open (index fetched, decoded, its packs listed) before any layer
+        // is answered from it: a broken twin leaves the whole image to a normal unpack.
+        let platform = self
+            .reg
+            .platform
+            .clone()
+            .unwrap_or_else(tessera_image::default_platform);
+        tessera_image::TesseraImage::open(store.as_ref(), &twin.to_string(), &platform).map_err(
+            |e| {
+                NodeError::BadInput(format!(
+                    "the tessera twin {twin} of {by_digest} is unusable: {e}"
+                ))
+            },
+        )?;
         tracing::info!(image = %info.image_ref, %twin, "image has a tessera twin: serving it lazily");
         Ok(Some(Twin {
             twin_ref: format!("{repo_ref}@{twin}"),

@@ -61,6 +61,8 @@ pub struct Node {
     publisher_done: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
     overlay_index_off: bool,
+    /// Directories the start-up cleanup removed.
+    cleaned_at_open: std::sync::atomic::AtomicUsize,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
@@ -103,8 +105,10 @@ impl Node {
             publisher_done,
             metrics,
             overlay_index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
+            cleaned_at_open: Default::default(),
         });
-        node.cleanup()?;
+        let removed = node.cleanup()?;
+        node.cleaned_at_open.store(removed, Ordering::SeqCst);
         for (key, rec) in node.meta.all()? {
             if let Source::Lazy { twin, .. } = &rec.source {
                 if let Err(e) = node.ensure_lazy(rec.id, twin) {
@@ -113,6 +117,11 @@ impl Node {
             }
         }
         Ok(node)
+    }
+
+    /// How many unreferenced snapshot directories opening the node removed.
+    pub fn cleaned_at_open(&self) -> usize {
+        self.cleaned_at_open.load(Ordering::SeqCst)
     }
 
     pub fn root(&self) -> &Path {
