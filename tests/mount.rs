@@ -15,7 +15,7 @@ use common::{
 };
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn corpus() -> PathBuf {
@@ -1414,6 +1414,59 @@ fn mounts_are_nosuid_nodev_and_private_unless_asked() {
     let (per, _) = mount_options(&mnt);
     assert!(has_opt(&per, "nosuid") && has_opt(&per, "nodev"), "{per}");
     drop(m);
+}
+
+#[test]
+fn a_mount_process_only_ever_unmounts_its_own_mount() {
+    require_fuse();
+    common::require_tool("unshare", "util-linux");
+    let work = tempfile::tempdir().unwrap();
+    let r = small_image(work.path());
+    let (mnt, store) = (work.path().join("mnt"), work.path().join("store"));
+    let mut old = Mounted::start(&r, &mnt, &store);
+    // A copy of the mount in another mount namespace keeps the old FUSE connection
+    // alive past `tessera umount` (as a container's namespace does).
+    let mut holder = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sleep", "300"])
+        .spawn()
+        .unwrap();
+    let canon = std::fs::canonicalize(&mnt).unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(format!("/proc/{}/mountinfo", holder.id()))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*canon.to_string_lossy()))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the namespace copy never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run_ok(tessera().arg("umount").arg(&mnt));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old mount process ended though its connection is still in use"
+    );
+    // A newer mount at the same path, then the old connection's last mount goes.
+    let new = Mounted::start(&r, &mnt, &store);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    wait_exit(
+        &mut old.child,
+        "the old mount process did not end once its mount was gone",
+    );
+    assert!(
+        is_mounted(&mnt),
+        "the old mount process unmounted the newer mount"
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("data/f0")).unwrap(),
+        noise(600_000, 1),
+        "the newer mount does not serve"
+    );
+    drop(new);
 }
 
 /// Entries of `dir` (0 when it does not exist).

@@ -1074,23 +1074,7 @@ pub fn serve(
         None => dir.to_path_buf(),
     };
     let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        fuser::MountOption::RO,
-        fuser::MountOption::FSName("tessera".into()),
-        fuser::MountOption::Subtype("tessera".into()),
-        fuser::MountOption::DefaultPermissions,
-        if access.dev {
-            fuser::MountOption::Dev
-        } else {
-            fuser::MountOption::NoDev
-        },
-        if access.suid {
-            fuser::MountOption::Suid
-        } else {
-            fuser::MountOption::NoSuid
-        },
-        fuser::MountOption::Exec,
-    ];
+    // Mount flags and options are ours (`mount_fuse`); fuser only serves the connection.
     // Only the mounting user (root) unless asked: an overlay on top reaches its lower
     // layer with the mounter's credentials; containers running as other users need
     // `allow_other`.
@@ -1104,7 +1088,19 @@ pub fn serve(
         path: fuse_dir.display().to_string(),
         source,
     };
-    let session = fuser::Session::new(fs, &fuse_dir, &config).map_err(err)?;
+    // Mounted here, not by fuser: fuser's mount guard unmounts *by path* when its session
+    // ends, and a session can end long after its mount went (a copy of the mount in
+    // another mount namespace keeps the connection alive past `tessera umount`), by
+    // which time the path may hold a newer mount. Ours is told apart by its device.
+    let (fd, dev) = mount_fuse(&fuse_dir, access).map_err(err)?;
+    let acl = config.acl;
+    let session = match fuser::Session::from_fd(fs, fd, acl, config) {
+        Ok(s) => s,
+        Err(e) => {
+            unmount_if_ours(&fuse_dir, dev);
+            return Err(err(e));
+        }
+    };
     // The session must answer requests while the overlay is mounted over it (overlayfs
     // looks up its lower layer while mounting): run it on its own thread.
     let runner = std::thread::Builder::new()
@@ -1113,17 +1109,88 @@ pub fn serve(
         .map_err(err)?;
     if let Some(w) = writable {
         if let Err(e) = w.mount(dir, access) {
-            let _ = unmount_one(&fuse_dir);
+            unmount_if_ours(&fuse_dir, dev);
             let _ = runner.join();
             return Err(e);
         }
     }
     ready();
-    match runner.join() {
+    let r = match runner.join() {
         Ok(r) => r.map_err(err),
         Err(_) => Err(err(std::io::Error::other(
             "the FUSE session thread panicked",
         ))),
+    };
+    // The session ends once the mount is gone everywhere, or its connection was aborted
+    // (then the dead mount is still there: take it away, if it is still ours).
+    unmount_if_ours(&fuse_dir, dev);
+    r
+}
+
+/// Open `/dev/fuse` and mount it on `dir`; returns the connection and the mount's
+/// device number (its identity: a later mount at the same path has another).
+fn mount_fuse(dir: &Path, access: Access) -> std::io::Result<(std::os::fd::OwnedFd, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = rustix::fs::open(
+        "/dev/fuse",
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let mut opts = format!(
+        "fd={},rootmode=40000,user_id={},group_id={},default_permissions",
+        fd.as_raw_fd(),
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw()
+    );
+    if access.allow_other {
+        opts.push_str(",allow_other");
+    }
+    let opts = std::ffi::CString::new(opts).map_err(std::io::Error::other)?;
+    rustix::mount::mount(
+        "tessera",
+        dir,
+        "fuse.tessera",
+        access.flags() | rustix::mount::MountFlags::RDONLY,
+        Some(opts.as_c_str()),
+    )?;
+    let dev = mount_dev(dir).ok_or_else(|| {
+        std::io::Error::other(format!(
+            "{} was mounted but is not in /proc/self/mountinfo",
+            dir.display()
+        ))
+    })?;
+    Ok((fd, dev))
+}
+
+/// The device number of the topmost mount at `dir` (from `/proc/self/mountinfo`, so a
+/// FUSE mount whose daemon is busy or gone is not asked).
+fn mount_dev(dir: &Path) -> Option<u64> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let (_id, _parent, majmin, _root, point) =
+            (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        if unescape_mountinfo(point) != dir {
+            return None;
+        }
+        let (ma, mi) = majmin.split_once(':')?;
+        Some(rustix::fs::makedev(ma.parse().ok()?, mi.parse().ok()?))
+    })
+}
+
+/// Unmount `dir` only while the mount there is the one with device `dev`.
+fn unmount_if_ours(dir: &Path, dev: u64) {
+    match mount_dev(dir) {
+        Some(d) if d == dev => {
+            if let Err(e) = unmount_one(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot unmount");
+            }
+        }
+        Some(_) => {
+            tracing::info!(dir = %dir.display(), "a newer mount is at this path now; it is left alone")
+        }
+        None => {}
     }
 }
 
@@ -1136,25 +1203,28 @@ fn unmount_one(dir: &Path) -> Result<(), MountError> {
     })
 }
 
+/// A path as `/proc/self/mountinfo` writes it (octal escapes for space, tab, newline, \\).
+fn unescape_mountinfo(s: &str) -> PathBuf {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
+
 /// A mount from `/proc/self/mountinfo`: (mount point, fs type, super options).
 fn mounts() -> Vec<(PathBuf, String, String)> {
-    let unescape = |s: &str| {
-        let mut out = Vec::new();
-        let b = s.as_bytes();
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == b'\\' && i + 3 < b.len() {
-                if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                    out.push(v);
-                    i += 4;
-                    continue;
-                }
-            }
-            out.push(b[i]);
-            i += 1;
-        }
-        PathBuf::from(std::ffi::OsStr::from_bytes(&out))
-    };
+    let unescape = unescape_mountinfo;
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|l| {
