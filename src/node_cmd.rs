@@ -112,10 +112,11 @@ fn open(
     let chunks = root.join("chunks");
     let store = NodeStore::open_with(&chunks, store_opts.unwrap_or_default())
         .with_context(|| format!("opening the node store {}", chunks.display()))?;
+    let store = Arc::new(store);
     Ok(Node::open(
         root,
-        Arc::new(store),
-        Resolver::new(reg.clone()),
+        store.clone(),
+        Resolver::new(reg.clone()).with_index_cache(store),
         spec,
         Arc::new(Metrics::default()),
     )?)

@@ -42,6 +42,11 @@ fn containerd_runs_plain_images_lazily_from_their_twins_and_exactly_when_they_sh
     }
     assert_eq!(node.metric("tessera_node_lazy_images"), 1.0);
     assert_eq!(node.metric("tessera_node_placeholder_layers_total"), 1.0);
+    // The twin's index was downloaded once: the lazy mount read it from the node store.
+    assert!(
+        node.log().contains("index from the node store"),
+        "the lazy mount downloaded the index again"
+    );
     let out = ctd.run(
         &python,
         "py",

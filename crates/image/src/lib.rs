@@ -94,6 +94,14 @@ pub fn resolve_image(
     }
 }
 
+/// Where verified index blobs are kept between opens of an image (a node store), so a
+/// warm start does not download the index again. Entries are checked against their
+/// digest on every use.
+pub trait IndexCache {
+    fn get_index(&self, digest: &Digest) -> Option<Vec<u8>>;
+    fn put_index(&self, digest: &Digest, bytes: &[u8]);
+}
+
 /// Whether a manifest is a tessera image (it has an index layer).
 pub fn is_tessera(m: &ImageManifest) -> bool {
     m.layers
@@ -122,8 +130,9 @@ pub struct TesseraImage {
     pub index: Index,
     /// Pack descriptors by digest.
     pub packs: BTreeMap<Digest, Descriptor>,
-    /// How long downloading the index took (a sample of the store's bandwidth).
-    pub index_fetch: std::time::Duration,
+    /// How long downloading the index took (a sample of the store's bandwidth); None
+    /// when it came from an [`IndexCache`].
+    pub index_fetch: Option<std::time::Duration>,
 }
 
 impl TesseraImage {
@@ -132,6 +141,17 @@ impl TesseraImage {
     /// `application/vnd.tessera.image.v1` whose `subject` is the plain manifest, found
     /// through the referrers API) opens as that twin.
     pub fn open(store: &dyn Store, reference: &str, platform: &str) -> Result<TesseraImage> {
+        Self::open_cached(store, reference, platform, None)
+    }
+
+    /// [`TesseraImage::open`], taking the index from `cache` when it holds it (verified
+    /// against the manifest's digest) and keeping a downloaded one there.
+    pub fn open_cached(
+        store: &dyn Store,
+        reference: &str,
+        platform: &str,
+        cache: Option<&dyn IndexCache>,
+    ) -> Result<TesseraImage> {
         let (mut manifest, mut manifest_desc) = resolve_image(store, reference, platform)?;
         if !is_tessera(&manifest) {
             if let Some(twin) = find_twin(store, &manifest_desc.sha256()?)? {
@@ -150,18 +170,33 @@ impl TesseraImage {
                 store.describe()
             )));
         };
-        let mut bytes = Vec::new();
-        let t0 = std::time::Instant::now();
-        store
-            .open_blob(&index_desc.sha256()?, index_desc.size)?
-            .take(tessera_format::index::MAX_INDEX_BODY)
-            .read_to_end(&mut bytes)
-            .map_err(|e| ImageError::Io {
-                context: format!("reading index {}", index_desc.digest),
-                source: e,
-            })?;
-        let index_fetch = t0.elapsed();
+        let index_digest = index_desc.sha256()?;
+        let cached = cache
+            .and_then(|c| c.get_index(&index_digest))
+            .filter(|b| Digest::of(b) == index_digest);
+        let (bytes, index_fetch) = match cached {
+            Some(b) => (b, None),
+            None => {
+                let mut bytes = Vec::new();
+                let t0 = std::time::Instant::now();
+                store
+                    .open_blob(&index_digest, index_desc.size)?
+                    .take(tessera_format::index::MAX_INDEX_BODY)
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| ImageError::Io {
+                        context: format!("reading index {}", index_desc.digest),
+                        source: e,
+                    })?;
+                let took = t0.elapsed();
+                (bytes, Some(took))
+            }
+        };
         let index = Index::decode(&bytes)?;
+        if index_fetch.is_some() {
+            if let Some(c) = cache {
+                c.put_index(&index_digest, &bytes);
+            }
+        }
         let mut packs = BTreeMap::new();
         for l in &manifest.layers {
             if l.media_type == media::PACK_MEDIA_TYPE {

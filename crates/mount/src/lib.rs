@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;
+mod index_cache;
 pub mod profile;
 pub mod session;
 pub mod store;

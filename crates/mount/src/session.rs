@@ -86,6 +86,15 @@ impl RegistryOptions {
         &self,
         reference: &str,
     ) -> Result<(Box<dyn Store>, TesseraImage), SessionError> {
+        self.open_image_cached(reference, None)
+    }
+
+    /// [`RegistryOptions::open_image`], with the index from (and kept in) `cache`.
+    pub fn open_image_cached(
+        &self,
+        reference: &str,
+        cache: Option<&dyn tessera_image::IndexCache>,
+    ) -> Result<(Box<dyn Store>, TesseraImage), SessionError> {
         let err = |source| SessionError::Open {
             reference: reference.to_string(),
             source,
@@ -95,7 +104,7 @@ impl RegistryOptions {
             .platform
             .clone()
             .unwrap_or_else(tessera_image::default_platform);
-        let img = TesseraImage::open(store.as_ref(), &tag, &platform).map_err(err)?;
+        let img = TesseraImage::open_cached(store.as_ref(), &tag, &platform, cache).map_err(err)?;
         Ok((store, img))
     }
 }
@@ -271,14 +280,21 @@ pub fn start(
         retries: Some(0),
         ..o.reg.clone()
     };
-    let (source, img) = reg.open_image(reference)?;
+    let (source, img) = reg.open_image_cached(reference, Some(store.as_ref()))?;
     // The index download is the mount's bandwidth sample (see FetchOptions).
-    let rate = img.index_desc.size as f64 / img.index_fetch.as_secs_f64().max(1e-6);
-    tracing::info!(image = %reference, index_bytes = img.index_desc.size, bytes_per_s = rate as u64, "index fetched");
-    let img = Arc::new(img);
-    if img.index_desc.size >= 64 << 10 {
-        fetch.link_rate = Some(rate);
+    match img.index_fetch {
+        Some(took) => {
+            let rate = img.index_desc.size as f64 / took.as_secs_f64().max(1e-6);
+            tracing::info!(image = %reference, index_bytes = img.index_desc.size, bytes_per_s = rate as u64, "index fetched");
+            if img.index_desc.size >= 64 << 10 {
+                fetch.link_rate = Some(rate);
+            }
+        }
+        None => {
+            tracing::info!(image = %reference, index_bytes = img.index_desc.size, "index from the node store")
+        }
     }
+    let img = Arc::new(img);
     let fast_link = fetch.link_rate.is_some_and(|r| r >= fetch.amplify_min_rate);
     let fetcher = Fetcher::start(img.clone(), source, store.clone(), fetch);
     // Until the mount is up, an error stops the fetcher's threads (a daemon lives on).

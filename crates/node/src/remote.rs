@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tessera_format::Digest;
 use tessera_mount::session::RegistryOptions;
+use tessera_mount::store::NodeStore;
 use tessera_oci::manifest::{self, Parsed};
 use tessera_oci::ImageRef;
 
@@ -94,6 +95,9 @@ type Cached = (Option<Arc<Twin>>, Instant);
 pub struct Resolver {
     reg: RegistryOptions,
     cache: Mutex<HashMap<Digest, Cached>>,
+    /// Where twins' indexes are kept (the node store): the lazy mount that follows a
+    /// lookup reads the index from there instead of downloading it again.
+    indexes: Option<Arc<NodeStore>>,
 }
 
 impl Resolver {
@@ -101,7 +105,14 @@ impl Resolver {
         Resolver {
             reg,
             cache: Mutex::new(HashMap::new()),
+            indexes: None,
         }
+    }
+
+    /// Keep the indexes of the twins it opens in `store`.
+    pub fn with_index_cache(mut self, store: Arc<NodeStore>) -> Resolver {
+        self.indexes = Some(store);
+        self
     }
 
     pub fn registry_options(&self) -> &RegistryOptions {
@@ -175,13 +186,21 @@ impl Resolver {
             .platform
             .clone()
             .unwrap_or_else(tessera_image::default_platform);
-        tessera_image::TesseraImage::open(store.as_ref(), &twin.to_string(), &platform).map_err(
-            |e| {
-                NodeError::BadInput(format!(
-                    "the tessera twin {twin} of {by_digest} is unusable: {e}"
-                ))
-            },
-        )?;
+        let cache = self
+            .indexes
+            .as_deref()
+            .map(|s| s as &dyn tessera_image::IndexCache);
+        tessera_image::TesseraImage::open_cached(
+            store.as_ref(),
+            &twin.to_string(),
+            &platform,
+            cache,
+        )
+        .map_err(|e| {
+            NodeError::BadInput(format!(
+                "the tessera twin {twin} of {by_digest} is unusable: {e}"
+            ))
+        })?;
         tracing::info!(image = %info.image_ref, %twin, "image has a tessera twin: serving it lazily");
         Ok(Some(Twin {
             twin_ref: format!("{repo_ref}@{twin}"),
