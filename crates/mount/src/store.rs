@@ -117,6 +117,11 @@ struct State {
     /// Bytes of chunk files, as counted on open plus what this process added.
     bytes: AtomicU64,
     gc_running: AtomicBool,
+    /// Eviction runs again only once the store holds this many bytes (0: at the next
+    /// crossing of the quota). A pass that cannot get under the quota (what is left is
+    /// pinned) sets it a tenth of the quota above what it kept, so that writes do not
+    /// start a pass each; releasing a pin clears it.
+    evict_again_at: AtomicU64,
     counters: StoreCounters,
 }
 
@@ -128,6 +133,8 @@ pub struct StoreCounters {
     pub corrupt_dropped: AtomicU64,
     pub evicted_chunks: AtomicU64,
     pub evicted_bytes: AtomicU64,
+    /// Eviction passes started.
+    pub eviction_passes: AtomicU64,
     pub sealed_files: AtomicU64,
     pub sealed_bytes: AtomicU64,
 }
@@ -619,7 +626,8 @@ impl NodeStore {
 
     fn check_quota(&self) {
         if let Some(q) = self.opts.quota {
-            if self.state.bytes.load(Ordering::Relaxed) > q {
+            let bytes = self.state.bytes.load(Ordering::Relaxed);
+            if bytes > q && bytes >= self.state.evict_again_at.load(Ordering::Relaxed) {
                 self.evict_in_background(q);
             }
         }
@@ -775,6 +783,8 @@ impl NodeStore {
 
     /// Drop a pin (the mount ended): its files go, then its lock.
     pub fn unpin(&self, pin: &Path) {
+        // What the pin held may go now: the next write over the quota evicts again.
+        self.state.evict_again_at.store(0, Ordering::Relaxed);
         let _ = fs::remove_file(pin.with_extension("pin"));
         let _ = fs::remove_file(pin.with_extension("json"));
         self.pins
@@ -1130,11 +1140,21 @@ impl NodeStore {
             state: self.state.clone(),
             pins: Mutex::new(HashMap::new()),
         };
+        self.state
+            .counters
+            .eviction_passes
+            .fetch_add(1, Ordering::Relaxed);
         let spawned = std::thread::Builder::new()
             .name("tessera-evict".into())
             .spawn(move || {
                 match me.gc(quota / 10 * 9) {
                     Ok(r) => {
+                        let again = if r.kept_bytes > quota {
+                            r.kept_bytes + quota / 10
+                        } else {
+                            0
+                        };
+                        me.state.evict_again_at.store(again, Ordering::Relaxed);
                         tracing::info!(
                             removed_chunks = r.removed_chunks,
                             removed_bytes = r.removed_bytes,
@@ -1483,6 +1503,43 @@ mod tests {
         let st = s.stats().unwrap();
         assert!(st.bytes <= 10_000, "store holds {} bytes", st.bytes);
         assert!(s.state.counters.evicted_chunks.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn eviction_runs_once_per_crossing_while_what_is_left_is_pinned() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open_with(
+            d.path(),
+            StoreOptions {
+                quota: Some(10_000),
+                shared: None,
+            },
+        )
+        .unwrap();
+        let passes = || s.state.counters.eviction_passes.load(Ordering::Relaxed);
+        // 40 KB that a mounted image pins: over the quota, nothing evictable.
+        let ids: Vec<Digest> = (0..40u32)
+            .map(|i| Digest::of(&[i.to_le_bytes().as_slice(); 250].concat()))
+            .collect();
+        let pin = s.pin(&ids, &MountInfo::default()).unwrap();
+        for i in 0..40u32 {
+            put(&s, &[i.to_le_bytes().as_slice(); 250].concat());
+            s.wait_for_eviction(Duration::from_secs(10));
+        }
+        let after_fill = passes();
+        assert!(after_fill >= 1);
+        // Small writes while over the quota start no pass each.
+        for i in 0..100u32 {
+            put(&s, format!("small {i}").as_bytes());
+            s.wait_for_eviction(Duration::from_secs(10));
+        }
+        assert_eq!(passes(), after_fill, "eviction re-ran on every write");
+        // Once the pin goes, the next write evicts, down under the quota.
+        s.unpin(&pin);
+        put(&s, b"after the pin");
+        s.wait_for_eviction(Duration::from_secs(10));
+        assert_eq!(passes(), after_fill + 1);
+        assert!(s.stats().unwrap().bytes <= 10_000);
     }
 
     /// A store at `local` with the shared tier `shared`.
