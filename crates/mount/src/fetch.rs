@@ -97,6 +97,9 @@ pub struct FetchStats {
     pub sealed_bytes: AtomicU64,
     /// Opens answered with a sealed file the kernel reads directly.
     pub passthrough_opens: AtomicU64,
+    /// Sealed files that did not match their chunk lists when checked before a
+    /// passthrough open (removed; that open went through the daemon).
+    pub sealed_verify_failures: AtomicU64,
 }
 
 impl FetchStats {
@@ -116,6 +119,7 @@ impl FetchStats {
             "sealed_files": g(&self.sealed_files),
             "sealed_bytes": g(&self.sealed_bytes),
             "passthrough_opens": g(&self.passthrough_opens),
+            "sealed_verify_failures": g(&self.sealed_verify_failures),
         })
     }
 }

@@ -13,7 +13,10 @@
 //! * Passthrough: a large file whose content the node store holds sealed (written out
 //!   whole after every chunk of it was verified, see [`store::NodeStore::seal`]) is
 //!   opened with FUSE passthrough, so the kernel reads and maps the sealed file directly,
-//!   at the speed of the store's own filesystem. A large file read through the daemon is
+//!   at the speed of the store's own filesystem. The daemon checks a sealed file against
+//!   its chunk list before it first passes it through, and again when the file changed
+//!   ([`store::NodeStore::open_sealed`]); one that does not match is dropped and that
+//!   open goes through the daemon. A large file read through the daemon is
 //!   sealed in the background when its last open closes, if all its chunks are here.
 //!   The kernel allows one mode per inode at a time: while a file is open through the
 //!   daemon, new opens of it go through the daemon too.
@@ -331,27 +334,38 @@ impl ImageFs {
         } else {
             None
         };
+        // Checked against its chunk list (the first time: the whole file hashed) before
+        // the lock, so opens of other files never wait for it. One that does not match is
+        // gone, and this open goes through the daemon, which fetches and verifies again.
+        let sealed = key.and_then(|key| match self.fetcher.store().open_sealed(&key) {
+            Ok(f) => f,
+            Err(_) => {
+                self.fetcher
+                    .stats
+                    .sealed_verify_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        });
         let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
         opens.next_fh += 1;
         let fh = opens.next_fh;
         let st = opens.by_entry.entry(i as u32).or_default();
         // An inode open with a backing file takes every further open the same way (the
         // kernel fails any other with EIO), whatever happened to passthrough since.
-        if st.backing.is_some() || key.is_some() && st.cached == 0 {
-            let backing = match (&st.backing, key) {
+        if st.backing.is_some() || sealed.is_some() && st.cached == 0 {
+            let backing = match (&st.backing, sealed) {
                 (Some(b), _) => Some(b.clone()),
                 (None, None) => None,
-                (None, Some(key)) => self.fetcher.store().open_sealed(&key).and_then(|f| {
-                    match reply.open_backing(&f) {
-                        Ok(b) => Some(Arc::new(b)),
-                        Err(e) => {
-                            // E.g. a store on a stacked filesystem: not again.
-                            tracing::warn!(error = %e, "the kernel refused a passthrough file; every read goes through the daemon from now on");
-                            self.passthrough_ok.store(false, Ordering::Relaxed);
-                            None
-                        }
+                (None, Some(f)) => match reply.open_backing(&f) {
+                    Ok(b) => Some(Arc::new(b)),
+                    Err(e) => {
+                        // E.g. a store on a stacked filesystem: not again.
+                        tracing::warn!(error = %e, "the kernel refused a passthrough file; every read goes through the daemon from now on");
+                        self.passthrough_ok.store(false, Ordering::Relaxed);
+                        None
                     }
-                }),
+                },
             };
             if let Some(b) = backing {
                 st.backing = Some(b.clone());

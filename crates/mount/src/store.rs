@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -109,6 +109,34 @@ pub struct NodeStore {
     /// This process's pins, each held open with an exclusive `flock` for the mount's
     /// life: the lock, not a pid, says that a pin is live.
     pins: Mutex<HashMap<PathBuf, File>>,
+    /// Sealed files this process checked against their chunk lists, as they were then.
+    verified: Mutex<HashMap<Digest, Stamp>>,
+}
+
+/// What a sealed file was when it was checked: device, inode, size, mtime (s, ns).
+type Stamp = (u64, u64, u64, i64, i64);
+
+fn stamp(m: &fs::Metadata) -> Stamp {
+    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())
+}
+
+/// Why a sealed file does not match its chunk list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealedMismatch {
+    #[error("its chunk list is missing or malformed")]
+    List,
+    #[error("its chunk list does not hash to its name")]
+    ListKey,
+    #[error("it has {found} bytes, its chunk list {want}")]
+    Size { found: u64, want: u64 },
+    #[error("chunk {index} (bytes {offset}..) does not match its id {id}")]
+    Chunk {
+        index: usize,
+        offset: u64,
+        id: Digest,
+    },
+    #[error("it could not be read: {0}")]
+    Read(io::ErrorKind),
 }
 
 /// What a background eviction shares with the store it works for.
@@ -251,16 +279,15 @@ fn pin_holder_gone(p: &Path) -> Option<File> {
     Some(f)
 }
 
-/// LRU age: a hit makes the file young again (cheaply: at most once a minute).
-fn touch(f: &File) {
+/// LRU age: a hit makes the file young again (cheaply: at most once a minute). Returns
+/// whether it did.
+fn touch(f: &File) -> bool {
     let stale = f
         .metadata()
         .and_then(|m| m.modified())
         .map(|t| t.elapsed().unwrap_or_default() > TOUCH_EVERY)
         .unwrap_or(false);
-    if stale {
-        let _ = f.set_modified(SystemTime::now());
-    }
+    stale && f.set_modified(SystemTime::now()).is_ok()
 }
 
 fn old_enough(e: &fs::DirEntry) -> bool {
@@ -290,6 +317,7 @@ impl NodeStore {
             opts,
             state: Arc::default(),
             pins: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashMap::new()),
         };
         if store.opts.quota.is_some() {
             let chunks: u64 = store.walk()?.iter().map(|c| c.len).sum();
@@ -419,7 +447,7 @@ impl NodeStore {
         };
         if fits && f.read_exact_at(&mut buf, ptr.offset).is_ok() && Digest::of(&buf) == *id {
             if local {
-                touch(&f);
+                self.touch_sealed(&ptr.key, &f);
             }
             return Some(buf);
         }
@@ -466,13 +494,57 @@ impl NodeStore {
         Some(b)
     }
 
-    /// The sealed file `key` of the local store, opened for reading. Its bytes were
-    /// verified chunk by chunk when this store sealed it; a shared tier's sealed files are
-    /// never handed out (their bytes reach readers only through verified chunk reads).
-    pub fn open_sealed(&self, key: &Digest) -> Option<File> {
-        let f = File::open(NodeStore::sealed_path_in(&self.dir, key)).ok()?;
-        touch(&f);
-        Some(f)
+    /// The sealed file `key` of the local store, opened for reading (`Ok(None)`: there is
+    /// none). Before this process first hands it out, and again whenever its device,
+    /// inode, size or mtime differ from when it was last checked, the whole file is
+    /// checked against its chunk list (outside any lock: only this call waits); one that
+    /// does not match is logged and removed with its list (its pointers then dangle and
+    /// go when met), and is the error. A shared tier's sealed files are never handed out
+    /// (their bytes reach readers only through verified chunk reads).
+    pub fn open_sealed(&self, key: &Digest) -> Result<Option<File>, SealedMismatch> {
+        let path = NodeStore::sealed_path_in(&self.dir, key);
+        let Ok(f) = File::open(&path) else {
+            return Ok(None);
+        };
+        let now = f
+            .metadata()
+            .map(|m| stamp(&m))
+            .map_err(|e| SealedMismatch::Read(e.kind()))?;
+        if self.verified_lock().get(key) != Some(&now) {
+            if let Err(e) = check_sealed(key, &path, &f) {
+                self.verified_lock().remove(key);
+                self.state
+                    .counters
+                    .corrupt_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(sealed = %key, path = %path.display(), error = %e, "corrupt sealed file in the node store: not passed through; removed, will refetch");
+                self.remove_sealed(&path);
+                return Err(e);
+            }
+            self.verified_lock().insert(*key, now);
+        }
+        self.touch_sealed(key, &f);
+        Ok(Some(f))
+    }
+
+    fn verified_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Stamp>> {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`touch`] the sealed file `key`; if this process had checked it as it was, it
+    /// stays checked as it is now (only its mtime changed, and by us).
+    fn touch_sealed(&self, key: &Digest, f: &File) {
+        let Ok(before) = f.metadata().map(|m| stamp(&m)) else {
+            return;
+        };
+        if touch(f) {
+            if let Ok(after) = f.metadata().map(|m| stamp(&m)) {
+                let mut v = self.verified_lock();
+                if v.get(key) == Some(&before) {
+                    v.insert(*key, after);
+                }
+            }
+        }
     }
 
     /// Whether the local store has the sealed file `key`.
@@ -1139,6 +1211,7 @@ impl NodeStore {
             opts: self.opts.clone(),
             state: self.state.clone(),
             pins: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashMap::new()),
         };
         self.state
             .counters
@@ -1193,34 +1266,10 @@ impl NodeStore {
         }
     }
 
-    /// Check a sealed file against its chunk list: the list must hash to the file's name
-    /// and every chunk of the file to its id.
+    /// Check a sealed file found by a walk against its chunk list ([`check_sealed`]).
     fn sealed_ok(f: &SealedFile) -> bool {
-        if !f.has_ids {
-            return false;
-        }
-        let Ok(list) = fs::read(f.path.with_extension(IDS_EXT)) else {
-            return false;
-        };
-        let Some(ids) = parse_chunk_list(&list) else {
-            return false;
-        };
-        if file_key(ids.iter().map(|(id, _)| id)) != f.key {
-            return false;
-        }
-        let Ok(file) = File::open(&f.path) else {
-            return false;
-        };
-        let mut r = io::BufReader::with_capacity(1 << 20, file);
-        let mut buf = Vec::new();
-        for (id, len) in &ids {
-            buf.resize(*len as usize, 0);
-            if r.read_exact(&mut buf).is_err() || Digest::of(&buf) != *id {
-                return false;
-            }
-        }
-        // Nothing after the last chunk.
-        matches!(r.read(&mut [0u8; 1]), Ok(0))
+        f.has_ids
+            && File::open(&f.path).is_ok_and(|file| check_sealed(&f.key, &f.path, &file).is_ok())
     }
 
     /// Re-hash every chunk, pointer and sealed file; remove what does not match its name.
@@ -1292,6 +1341,44 @@ impl NodeStore {
         progress(total, total);
         Ok(r)
     }
+}
+
+/// Check the sealed file `key` (at `path`, open as `file`) against its chunk list beside
+/// it: the list must hash to the file's name, the file's size must be the sum of the
+/// list's lengths, and every chunk of the file must hash to its id.
+fn check_sealed(key: &Digest, path: &Path, file: &File) -> Result<(), SealedMismatch> {
+    let list = fs::read(path.with_extension(IDS_EXT)).map_err(|_| SealedMismatch::List)?;
+    let ids = parse_chunk_list(&list).ok_or(SealedMismatch::List)?;
+    if ids.iter().any(|(_, len)| *len as usize > MAX_CHUNK) {
+        return Err(SealedMismatch::List);
+    }
+    if file_key(ids.iter().map(|(id, _)| id)) != *key {
+        return Err(SealedMismatch::ListKey);
+    }
+    let want: u64 = ids.iter().map(|(_, len)| *len as u64).sum();
+    let found = file
+        .metadata()
+        .map_err(|e| SealedMismatch::Read(e.kind()))?
+        .len();
+    if found != want {
+        return Err(SealedMismatch::Size { found, want });
+    }
+    let mut buf = Vec::new();
+    let mut offset = 0u64;
+    for (index, (id, len)) in ids.iter().enumerate() {
+        buf.resize(*len as usize, 0);
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| SealedMismatch::Read(e.kind()))?;
+        if Digest::of(&buf) != *id {
+            return Err(SealedMismatch::Chunk {
+                index,
+                offset,
+                id: *id,
+            });
+        }
+        offset += *len as u64;
+    }
+    Ok(())
 }
 
 /// A sealed file's chunk list (`<key>.ids`): (sha256, u32 LE length) per chunk.
@@ -1633,7 +1720,7 @@ mod tests {
             }
         );
         assert_eq!(s.seal(&key, &list, &|_| None).unwrap(), Sealed::Present);
-        let mut f = s.open_sealed(&key).unwrap();
+        let mut f = s.open_sealed(&key).unwrap().unwrap();
         let mut got = Vec::new();
         f.read_to_end(&mut got).unwrap();
         assert_eq!(got, whole);
@@ -1698,6 +1785,35 @@ mod tests {
         let r = s.gc(u64::MAX).unwrap();
         assert_eq!(r.dangling_removed, 1);
         assert_eq!(s.stats().unwrap().chunks, 0);
+    }
+
+    #[test]
+    fn a_sealed_file_is_checked_before_it_is_handed_out_and_again_when_it_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let (list, whole) = stored_file(&s);
+        let key = file_key(list.iter().map(|(id, _)| id));
+        s.seal(&key, &list, &|_| None).unwrap();
+        assert!(s.open_sealed(&key).unwrap().is_some());
+        // Rotten in place after it was checked (same inode and size, another mtime).
+        let sp = NodeStore::sealed_path_in(s.dir(), &key);
+        let mut bad = whole.clone();
+        bad[1500] ^= 1;
+        fs::set_permissions(&sp, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&sp, &bad).unwrap();
+        File::options()
+            .write(true)
+            .open(&sp)
+            .unwrap()
+            .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1))
+            .unwrap();
+        let e = s.open_sealed(&key).unwrap_err();
+        assert!(matches!(e, SealedMismatch::Chunk { index: 1, .. }), "{e}");
+        assert!(!sp.exists() && !sp.with_extension(IDS_EXT).exists());
+        assert_eq!(s.counters().corrupt_dropped.load(Ordering::Relaxed), 1);
+        assert!(s.open_sealed(&key).unwrap().is_none());
+        // Its pointers dangle: the chunks are gone, never served from the rotten file.
+        assert!(s.get(&list[1].0).is_none());
     }
 
     #[test]
