@@ -50,16 +50,18 @@ impl Mounted {
     }
 
     fn start_with(reference: &str, dir: &Path, store: &Path, extra: &[&str]) -> Mounted {
-        Mounted::start_in(None, reference, dir, store, extra)
+        Mounted::start_in(None, reference, dir, store, extra, None)
     }
 
-    /// Like [`Mounted::start_with`], run in the directory `cwd`.
+    /// Like [`Mounted::start_with`], run in the directory `cwd`, its log (stderr) written
+    /// to `log`.
     fn start_in(
         cwd: Option<&Path>,
         reference: &str,
         dir: &Path,
         store: &Path,
         extra: &[&str],
+        log: Option<&Path>,
     ) -> Mounted {
         std::fs::create_dir_all(dir).unwrap();
         let mut cmd = tessera();
@@ -73,7 +75,7 @@ impl Mounted {
             .arg(store)
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log.map_or_else(Stdio::null, |p| std::fs::File::create(p).unwrap().into()))
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -994,6 +996,17 @@ fn kernel_has_passthrough() -> bool {
     (major, minor) >= (6, 9)
 }
 
+/// The sealed files (not their chunk lists) of the node store `store`.
+fn sealed_files(store: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(store.join("files"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_none())
+        .collect()
+}
+
 /// The largest regular file under `root` (path relative to it, size).
 fn largest_file(root: &Path) -> (PathBuf, u64) {
     let mut best = (PathBuf::new(), 0);
@@ -1102,14 +1115,7 @@ fn large_files_are_sealed_and_passed_through_to_the_kernel() {
     let (v, code) = cache_json("verify", &store, &[]);
     assert_eq!(code, 0, "{v}");
     assert!(v["sealed_checked"].as_u64().unwrap() >= 1, "{v}");
-    let files = store.join("files");
-    let sealed: Vec<PathBuf> = std::fs::read_dir(&files)
-        .unwrap()
-        .flatten()
-        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_none())
-        .collect();
+    let sealed = sealed_files(&store);
     let victim = sealed
         .iter()
         .max_by_key(|p| std::fs::metadata(p).unwrap().len())
@@ -1133,6 +1139,77 @@ fn large_files_are_sealed_and_passed_through_to_the_kernel() {
     assert!(c["chunks_fetched"].as_u64().unwrap() >= 100, "{c}");
     drop(m);
     drop(s);
+}
+
+/// One byte off in a sealed file on the node's disk never reaches a reader: a new daemon
+/// checks the sealed file against its chunk list before its first passthrough open, drops
+/// it (counted, logged), serves that open itself from chunks fetched and verified again,
+/// and seals the file again; the next daemon passes the good copy through.
+#[test]
+fn a_corrupt_sealed_file_is_never_passed_through() {
+    require_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let r = small_image(work.path());
+    let store = work.path().join("store");
+    let want = noise(600_000, 1);
+    let small = ["--passthrough-min", "64K"];
+    let passthrough = kernel_has_passthrough();
+
+    // Read through the daemon, then sealed when closed; unmounting waits for the seal.
+    let mut m = Mounted::start_with(&r, &work.path().join("m1"), &store, &small);
+    assert!(std::fs::read(m.dir.join("data/f0")).unwrap() == want);
+    m.umount();
+    let sealed = sealed_files(&store);
+    assert_eq!(sealed.len(), 1, "{sealed:?}");
+    let victim = &sealed[0];
+    let mut bytes = std::fs::read(victim).unwrap();
+    assert_eq!(bytes, want);
+    bytes[300_000] ^= 0x01;
+    std::fs::write(victim, &bytes).unwrap();
+
+    // A new daemon on the same store: the right bytes, through the daemon.
+    let log = work.path().join("m2.log");
+    let mut m = Mounted::start_in(
+        None,
+        &r,
+        &work.path().join("m2"),
+        &store,
+        &small,
+        Some(&log),
+    );
+    assert!(
+        std::fs::read(m.dir.join("data/f0")).unwrap() == want,
+        "a corrupt sealed file reached the reader"
+    );
+    let c = counters(&store, m.child.id());
+    if passthrough {
+        assert_eq!(c["sealed_verify_failures"], 1, "{c}");
+        assert!(c["chunks_fetched"].as_u64().unwrap() >= 1, "{c}");
+    }
+    assert_eq!(c["passthrough_opens"], 0, "{c}");
+    m.umount();
+    if passthrough {
+        let log = std::fs::read_to_string(&log).unwrap();
+        let key = victim.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("corrupt sealed file") && l.contains(&key)),
+            "no warning names {key}: {log}"
+        );
+    }
+
+    // Sealed again from verified chunks; the next daemon checks and passes it through.
+    assert!(std::fs::read(victim).unwrap() == want);
+    let m = Mounted::start_with(&r, &work.path().join("m3"), &store, &small);
+    assert!(std::fs::read(m.dir.join("data/f0")).unwrap() == want);
+    let c = counters(&store, m.child.id());
+    assert_eq!(c["sealed_verify_failures"], 0, "{c}");
+    assert_eq!(
+        c["passthrough_opens"].as_u64().unwrap() >= 1,
+        passthrough,
+        "{c}"
+    );
+    drop(m);
 }
 
 #[test]
@@ -1519,6 +1596,7 @@ fn default_overlay_directories_are_unique_and_removed_and_relative_uppers_unmoun
         &mnt,
         &store,
         &["--writable", "--upper", "ov-rel"],
+        None,
     );
     std::fs::write(mnt.join("kept"), b"y").unwrap();
     let lower = work.path().join("ov-rel/lower");
