@@ -364,10 +364,27 @@ fn cache_json(sub: &str, store: &Path, extra: &[&str]) -> (serde_json::Value, i3
     (v, out.status.code().unwrap_or(-1))
 }
 
-/// The counters a mount publishes in its node store (its pid's entry).
+/// The counters a mount publishes in its node store (its pid's entry), as they are after
+/// the caller's last action. A mount publishes every half second or so (slower on a busy
+/// machine: each publication is synced), and a publication whose counters were read
+/// before the call can land after it; so this waits (up to 10 s) until the mount's file
+/// was replaced twice since the call: the second was read after the first landed.
 fn counters(store: &Path, pid: u32) -> serde_json::Value {
-    // Published every half second.
-    std::thread::sleep(Duration::from_millis(700));
+    let start = Instant::now();
+    let mut seen = published(store, pid);
+    let mut replaced = 0;
+    while replaced < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "mount {pid} published no counters for 10 s ({replaced} publications seen)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        let now = published(store, pid);
+        if now != seen {
+            replaced += 1;
+            seen = now;
+        }
+    }
     let (v, _) = cache_json("stats", store, &[]);
     v["mounts"]
         .as_array()
@@ -376,6 +393,29 @@ fn counters(store: &Path, pid: u32) -> serde_json::Value {
         .find(|m| m["pid"] == pid)
         .unwrap_or_else(|| panic!("mount {pid} not listed: {v}"))["counters"]
         .clone()
+}
+
+/// What identifies the counter files the mount process `pid` last published in the node
+/// store `store` (`mounts/<pid>-<n>.json`, each replaced by a rename): (name, inode,
+/// mtime), sorted.
+fn published(store: &Path, pid: u32) -> Vec<(String, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let prefix = format!("{pid}-");
+    let mut v: Vec<_> = std::fs::read_dir(store.join("mounts"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.starts_with(&prefix) || !name.ends_with(".json") {
+                return None;
+            }
+            let m = std::fs::metadata(e.path()).ok()?;
+            Some((name, m.ino(), m.mtime(), m.mtime_nsec()))
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// Wait (bounded) until a mount has no fetching or caching left to do.
