@@ -111,6 +111,9 @@ pub struct NodeStore {
     pins: Mutex<HashMap<PathBuf, File>>,
     /// Sealed files this process checked against their chunk lists, as they were then.
     verified: Mutex<HashMap<Digest, Stamp>>,
+    /// A lock per sealed file being opened: concurrent first opens of one file wait for
+    /// one check instead of each hashing it, and a mismatch is counted and removed once.
+    checking: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
 }
 
 /// What a sealed file was when it was checked: device, inode, size, mtime (s, ns).
@@ -318,6 +321,7 @@ impl NodeStore {
             state: Arc::default(),
             pins: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
+            checking: Mutex::new(HashMap::new()),
         };
         if store.opts.quota.is_some() {
             let chunks: u64 = store.walk()?.iter().map(|c| c.len).sum();
@@ -497,11 +501,34 @@ impl NodeStore {
     /// The sealed file `key` of the local store, opened for reading (`Ok(None)`: there is
     /// none). Before this process first hands it out, and again whenever its device,
     /// inode, size or mtime differ from when it was last checked, the whole file is
-    /// checked against its chunk list (outside any lock: only this call waits); one that
+    /// checked against its chunk list (under a lock of its own: only opens of this file
+    /// wait, and they wait for this check rather than repeat it); one that
     /// does not match is logged and removed with its list (its pointers then dangle and
     /// go when met), and is the error. A shared tier's sealed files are never handed out
     /// (their bytes reach readers only through verified chunk reads).
     pub fn open_sealed(&self, key: &Digest) -> Result<Option<File>, SealedMismatch> {
+        let gate = self
+            .checking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(*key)
+            .or_default()
+            .clone();
+        let held = gate.lock().unwrap_or_else(|e| e.into_inner());
+        // Opened under the lock: after another open removed a rotten file, this one
+        // finds none (or a new one) rather than checking and removing again.
+        let r = self.open_sealed_checked(key);
+        drop(held);
+        let mut checking = self.checking.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the map and this call hold it: nobody waits, it goes.
+        if Arc::strong_count(&gate) == 2 {
+            checking.remove(key);
+        }
+        r
+    }
+
+    /// [`NodeStore::open_sealed`], under the file's lock.
+    fn open_sealed_checked(&self, key: &Digest) -> Result<Option<File>, SealedMismatch> {
         let path = NodeStore::sealed_path_in(&self.dir, key);
         let Ok(f) = File::open(&path) else {
             return Ok(None);
@@ -1212,6 +1239,7 @@ impl NodeStore {
             state: self.state.clone(),
             pins: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
+            checking: Mutex::new(HashMap::new()),
         };
         self.state
             .counters
@@ -1814,6 +1842,28 @@ mod tests {
         assert!(s.open_sealed(&key).unwrap().is_none());
         // Its pointers dangle: the chunks are gone, never served from the rotten file.
         assert!(s.get(&list[1].0).is_none());
+    }
+
+    #[test]
+    fn concurrent_opens_of_a_corrupt_sealed_file_drop_it_once() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let (list, whole) = stored_file(&s);
+        let key = file_key(list.iter().map(|(id, _)| id));
+        s.seal(&key, &list, &|_| None).unwrap();
+        let sp = NodeStore::sealed_path_in(s.dir(), &key);
+        let mut bad = whole.clone();
+        bad[1500] ^= 1;
+        fs::set_permissions(&sp, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&sp, &bad).unwrap();
+        let results: Vec<_> = std::thread::scope(|sc| {
+            let opens: Vec<_> = (0..8).map(|_| sc.spawn(|| s.open_sealed(&key))).collect();
+            opens.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+        assert!(results.iter().all(|r| matches!(r, Err(_) | Ok(None))));
+        assert_eq!(s.counters().corrupt_dropped.load(Ordering::Relaxed), 1);
+        assert!(s.checking.lock().unwrap().is_empty());
     }
 
     #[test]
