@@ -213,7 +213,8 @@ impl Drop for NodeDaemon {
     }
 }
 
-/// A containerd 2.x with `tessera` as a proxy snapshotter, all under one directory.
+/// A containerd with `tessera` as a proxy snapshotter, all under one directory
+/// (`start`: containerd 2.x without CRI, for `ctr`).
 pub struct Containerd {
     pub child: Child,
     pub dir: PathBuf,
@@ -223,14 +224,11 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start(dir: &Path, tessera_socket: &Path) -> Containerd {
-        require_tool("runc", "runc");
-        let bin = containerd2_bin();
-        std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("containerd.sock");
-        let cfg = dir.join("config.toml");
-        std::fs::write(
-            &cfg,
-            format!(
+        Self::start_config(
+            dir,
+            containerd2_bin(),
+            &format!(
                 r#"version = 3
 root = "{root}"
 state = "{state}"
@@ -257,7 +255,17 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
                 tsock = tessera_socket.display(),
             ),
         )
-        .unwrap();
+    }
+
+    /// containerd from the directory `bin` (with its ctr and shim) on the configuration
+    /// `config`, whose root, state and sockets are under `dir`, its gRPC socket
+    /// `dir/containerd.sock`.
+    pub fn start_config(dir: &Path, bin: PathBuf, config: &str) -> Containerd {
+        require_tool("runc", "runc");
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("containerd.sock");
+        let cfg = dir.join("config.toml");
+        std::fs::write(&cfg, config).unwrap();
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
         let child = Command::new(bin.join("containerd"))
             .arg("--config")
