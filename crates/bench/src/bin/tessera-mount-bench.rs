@@ -33,24 +33,25 @@
 //! deletes it, so error paths clean up too; every wait is bounded. Daemons get
 //! PR_SET_PDEATHSIG, and a run starts by removing what an interrupted run left behind.
 
+#[path = "../common/harness.rs"]
+mod harness;
 #[path = "../registry_bench/http.rs"]
 mod http;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
+use harness::*;
 use http::{Client, Outcome};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -149,7 +150,14 @@ const NS_CLI: &str = "tmb-cli";
 const VETH_REG: &str = "tmb-r";
 const VETH_CLI: &str = "tmb-c";
 const REG_IP: &str = "10.231.0.1";
-const CLI_IP: &str = "10.231.0.2";
+const LINK: Link = Link {
+    reg_ns: NS_REG,
+    cli_ns: NS_CLI,
+    veth_reg: VETH_REG,
+    veth_cli: VETH_CLI,
+    reg_ip: REG_IP,
+    cli_ip: "10.231.0.2",
+};
 const REG_PORT: u16 = 5000;
 
 const TTFW_TARGET: f64 = 0.15;
@@ -173,350 +181,7 @@ const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sb
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json";
 
 // ---------------------------------------------------------------------------------------
-// Commands and processes
-
-struct Out {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-    secs: f64,
-}
-
-fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|s| s.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The last 30 lines of `s`.
-fn last_lines(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-fn tail(p: &Path) -> String {
-    last_lines(&std::fs::read_to_string(p).unwrap_or_default())
-}
-
-fn reader<R: Read + Send + 'static>(r: Option<R>) -> Option<Receiver<Vec<u8>>> {
-    let mut r = r?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = r.read_to_end(&mut v);
-        let _ = tx.send(v);
-    });
-    Some(rx)
-}
-
-/// Run `cmd` to completion (killed after `limit`); stdout to `stdout` or captured. `secs`
-/// is wall time from spawn to exit (polled every millisecond).
-fn run_to(cmd: &mut Command, stdout: Option<File>, limit: Duration) -> Result<Out> {
-    let what = describe(cmd);
-    cmd.stdin(Stdio::null()).stderr(Stdio::piped());
-    match stdout {
-        Some(f) => cmd.stdout(f),
-        None => cmd.stdout(Stdio::piped()),
-    };
-    let t0 = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-    let out = reader(child.stdout.take());
-    let err = reader(child.stderr.take());
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "`{what}` did not finish within {} s; killed",
-                limit.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    let secs = t0.elapsed().as_secs_f64();
-    // A grandchild holding the pipe open must not block us: bounded collection.
-    let collect = |rx: Option<Receiver<Vec<u8>>>| {
-        rx.and_then(|r| r.recv_timeout(Duration::from_secs(5)).ok())
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_default()
-    };
-    Ok(Out {
-        status,
-        stdout: collect(out),
-        stderr: collect(err),
-        secs,
-    })
-}
-
-fn run(cmd: &mut Command, limit: Duration) -> Result<Out> {
-    run_to(cmd, None, limit)
-}
-
-/// [`run`], and an error unless it exits 0.
-fn run_ok(cmd: &mut Command, limit: Duration) -> Result<Out> {
-    let what = describe(cmd);
-    let out = run(cmd, limit)?;
-    if !out.status.success() {
-        bail!(
-            "`{what}` failed ({}):\n{}\n{}",
-            out.status,
-            last_lines(&out.stdout),
-            last_lines(&out.stderr)
-        );
-    }
-    Ok(out)
-}
-
-/// `program` run in network namespace `ns` (only the network namespace changes: mounts
-/// made by the program stay visible to this process).
-fn in_netns(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    match ns {
-        Some(ns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{ns}"))
-                .arg("--")
-                .arg(program);
-            c
-        }
-        None => Command::new(program),
-    }
-}
-
-/// A long-running child (server, mount daemon); killed when dropped.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-    /// stdout lines with their arrival time (when stdout was asked for).
-    lines: Option<Receiver<(Instant, String)>>,
-}
-
-impl Proc {
-    /// Spawn `cmd`: stderr (and stdout unless `lines`) into `log`.
-    fn spawn(name: &str, cmd: &mut Command, log: &Path, lines: bool) -> Result<Proc> {
-        let logf = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        cmd.stdin(Stdio::null()).stderr(logf.try_clone()?);
-        if lines {
-            cmd.stdout(Stdio::piped());
-        } else {
-            cmd.stdout(logf);
-        }
-        let what = describe(cmd);
-        // If this process dies without running its guards (SIGKILL, SIGINT), the daemon
-        // dies with it; the next run removes the mounts and namespaces left behind.
-        // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                rustix::process::set_parent_process_death_signal(Some(
-                    rustix::process::Signal::KILL,
-                ))
-                .map_err(std::io::Error::from)
-            });
-        }
-        let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-        let lines = child.stdout.take().map(|out| {
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                for l in BufReader::new(out).lines() {
-                    let Ok(l) = l else { break };
-                    if tx.send((Instant::now(), l)).is_err() {
-                        break;
-                    }
-                }
-            });
-            rx
-        });
-        Ok(Proc {
-            name: name.to_string(),
-            child: Some(child),
-            log: log.to_path_buf(),
-            lines,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    fn check_alive(&mut self) -> Result<()> {
-        let child = self.child.as_mut().context("process already reaped")?;
-        if let Some(st) = child.try_wait()? {
-            bail!(
-                "{} exited ({st}); log {}:\n{}",
-                self.name,
-                self.log.display(),
-                tail(&self.log)
-            );
-        }
-        Ok(())
-    }
-
-    /// Wait (at most `limit`) for a stdout line starting with `prefix`; returns it with
-    /// the time it was read.
-    fn wait_line(&mut self, prefix: &str, limit: Duration) -> Result<(Instant, String)> {
-        let t0 = Instant::now();
-        let mut other = Vec::new();
-        loop {
-            let got = self
-                .lines
-                .as_ref()
-                .context("stdout not captured")?
-                .recv_timeout(Duration::from_millis(20));
-            match got {
-                Ok((t, l)) if l.starts_with(prefix) => return Ok((t, l)),
-                Ok((_, l)) => other.push(l),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    std::thread::sleep(Duration::from_millis(200));
-                    self.check_alive()?;
-                    bail!(
-                        "{} closed its stdout without a `{prefix}…` line (stdout: {other:?}); log {}:\n{}",
-                        self.name,
-                        self.log.display(),
-                        tail(&self.log)
-                    );
-                }
-            }
-            self.check_alive()?;
-            if t0.elapsed() > limit {
-                bail!(
-                    "{} printed no `{prefix}…` line within {} s (stdout: {other:?}); log {}:\n{}",
-                    self.name,
-                    limit.as_secs(),
-                    self.log.display(),
-                    tail(&self.log)
-                );
-            }
-        }
-    }
-
-    /// Peak RSS (VmHWM) in KiB.
-    fn hwm_kb(&mut self) -> Result<u64> {
-        self.check_alive()?;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM in /proc/PID/status")
-    }
-
-    /// Wait for the process to exit on its own; killed (and an error) after `limit`.
-    fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
-        let t0 = Instant::now();
-        let child = self.child.as_mut().context("process already reaped")?;
-        loop {
-            if let Some(st) = child.try_wait()? {
-                return Ok(st);
-            }
-            if t0.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "{} did not exit within {} s; killed",
-                    self.name,
-                    limit.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// SIGTERM, then [`Proc::wait_exit`].
-    fn terminate(&mut self, limit: Duration) -> Result<ExitStatus> {
-        if let Some(c) = &self.child {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_child(c),
-                rustix::process::Signal::TERM,
-            );
-        }
-        self.wait_exit(limit)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if matches!(c.try_wait(), Ok(None)) {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
-        }
-    }
-}
-
-/// In-process work (a walk or reads over a mount) bounded by `limit`. On a timeout the
-/// worker thread is abandoned; the mount guards then unmount and kill the daemon, which
-/// fails its pending requests.
-fn bounded<T: Send + 'static>(
-    what: &str,
-    limit: Duration,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(r) => r,
-        Err(RecvTimeoutError::Timeout) => {
-            bail!("{what} did not finish within {} s", limit.as_secs())
-        }
-        Err(RecvTimeoutError::Disconnected) => bail!("{what} panicked"),
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Mounts
-
-/// The filesystem type mounted exactly at `dir`, if any (from /proc/self/mountinfo).
-fn mounted_fstype(dir: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = dir.to_string_lossy();
-    info.lines().rev().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let mp = unescape_mountinfo(left.split(' ').nth(4)?);
-        (mp == want).then(|| right.split(' ').next().unwrap_or_default().to_string())
-    })
-}
-
-/// Mount points at or below `dir`, deepest first.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut v: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| Some(PathBuf::from(unescape_mountinfo(l.split(' ').nth(4)?))))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    v.dedup();
-    v
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or(""), 8)
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 /// The counters `tessera -v mount` logs when it unmounts (best effort: None when the log
 /// has no such line).
@@ -531,31 +196,6 @@ fn mount_counters(log: &Path) -> Option<Value> {
         .into_iter::<Value>()
         .next()?
         .ok()
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn lazy_umount(dir: &Path) {
-    let _ = run(
-        Command::new("umount").arg("-l").arg(dir),
-        Duration::from_secs(30),
-    );
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -712,114 +352,7 @@ impl Drop for Mount {
 }
 
 // ---------------------------------------------------------------------------------------
-// Network namespaces
-
-/// `tmb-reg` and `tmb-cli` joined by a veth pair; deleted on drop.
-struct Netns;
-
-impl Netns {
-    fn delete_all() {
-        for ns in [NS_REG, NS_CLI] {
-            if Path::new("/run/netns").join(ns).exists() {
-                let _ = run(
-                    Command::new("ip").args(["netns", "del", ns]),
-                    Duration::from_secs(30),
-                );
-            }
-        }
-    }
-
-    fn create() -> Result<Netns> {
-        Self::delete_all();
-        let g = Netns;
-        let ip = |args: &[&str]| -> Result<()> {
-            run_ok(Command::new("ip").args(args), Duration::from_secs(30)).map(|_| ())
-        };
-        ip(&["netns", "add", NS_REG])?;
-        ip(&["netns", "add", NS_CLI])?;
-        ip(&[
-            "link", "add", VETH_REG, "netns", NS_REG, "type", "veth", "peer", "name", VETH_CLI,
-            "netns", NS_CLI,
-        ])?;
-        ip(&[
-            "-n",
-            NS_REG,
-            "addr",
-            "add",
-            &format!("{REG_IP}/24"),
-            "dev",
-            VETH_REG,
-        ])?;
-        ip(&[
-            "-n",
-            NS_CLI,
-            "addr",
-            "add",
-            &format!("{CLI_IP}/24"),
-            "dev",
-            VETH_CLI,
-        ])?;
-        for (ns, dev) in [(NS_REG, VETH_REG), (NS_CLI, VETH_CLI)] {
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-        }
-        Ok(g)
-    }
-
-    /// tbf on both veth ends.
-    fn shape(&self, args: &Args) -> Result<()> {
-        for (ns, dev) in [(NS_REG, VETH_REG), (NS_CLI, VETH_CLI)] {
-            run_ok(
-                Command::new("ip")
-                    .args(["netns", "exec", ns, "tc", "qdisc", "add", "dev", dev])
-                    .args([
-                        "root",
-                        "tbf",
-                        "rate",
-                        &args.rate,
-                        "burst",
-                        &args.burst,
-                        "latency",
-                        &args.tbf_latency,
-                    ]),
-                Duration::from_secs(30),
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Bytes received by the client end of the veth pair.
-    fn client_rx(&self) -> Result<u64> {
-        let out = run_ok(
-            Command::new("ip").args([
-                "netns",
-                "exec",
-                NS_CLI,
-                "cat",
-                &format!("/sys/class/net/{VETH_CLI}/statistics/rx_bytes"),
-            ]),
-            Duration::from_secs(30),
-        )?;
-        out.stdout
-            .trim()
-            .parse()
-            .with_context(|| format!("rx_bytes of {VETH_CLI}: {:?}", out.stdout))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        Self::delete_all();
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Files
-
-fn drop_caches() -> Result<()> {
-    rustix::fs::sync();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").context("writing /proc/sys/vm/drop_caches")
-}
 
 struct Tree {
     /// Entries below the root (every type), each lstat'ed once.
@@ -939,38 +472,6 @@ fn sha256_file(p: &Path) -> Result<String> {
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }
 
-fn read_json(p: &Path) -> Result<Value> {
-    serde_json::from_slice(&std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)
-        .with_context(|| format!("parsing {}", p.display()))
-}
-
-/// Layer blobs (paths, in order) of tag `image` in the OCI layout.
-fn layout_layers(layout: &Path, image: &str) -> Result<Vec<PathBuf>> {
-    let index = read_json(&layout.join("index.json"))
-        .context("corpus OCI layout (run scripts/corpus.sh)")?;
-    let digest = index["manifests"]
-        .as_array()
-        .context("index.json manifests")?
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == image)
-        .and_then(|m| m["digest"].as_str())
-        .with_context(|| format!("no tag {image} in {}", layout.display()))?
-        .to_string();
-    let blob = |d: &str| -> Result<PathBuf> {
-        let hex = d
-            .strip_prefix("sha256:")
-            .with_context(|| format!("unsupported digest {d}"))?;
-        Ok(layout.join("blobs/sha256").join(hex))
-    };
-    let manifest = read_json(&blob(&digest)?)?;
-    manifest["layers"]
-        .as_array()
-        .context("manifest layers")?
-        .iter()
-        .map(|l| blob(l["digest"].as_str().context("layer digest")?))
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------
 // Registries
 
@@ -982,25 +483,7 @@ fn start_registry(
     root: &Path,
     log: &Path,
 ) -> Result<(Proc, String)> {
-    std::fs::create_dir_all(root)?;
-    let mut cmd = in_netns(ns, &ctx.tessera);
-    cmd.arg("--no-progress")
-        .arg("serve")
-        .arg("--listen")
-        .arg(listen)
-        .arg("--root")
-        .arg(root);
-    let mut p = Proc::spawn("tessera serve", &mut cmd, log, true)?;
-    let (_, line) = p.wait_line("listening on ", Duration::from_secs(60))?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .with_context(|| {
-            format!("tessera serve printed {line:?}, expected `listening on http://ADDR`")
-        })?
-        .trim_end_matches('/')
-        .to_string();
-    Ok((p, addr))
+    start_serve(&ctx.tessera, ns, listen, root, log, &[])
 }
 
 /// Wait until `GET /v2/` answers on a loopback registry.
@@ -1240,7 +723,7 @@ struct Native {
 
 fn phase_ttfw(ctx: &mut Ctx) -> Result<Ttfw> {
     let work = ctx.work.clone();
-    let ns = Netns::create()?;
+    let ns = Netns::create(LINK)?;
     let reg_addr = format!("{REG_IP}:{REG_PORT}");
     let (mut reg, addr) = start_registry(
         ctx,
@@ -1286,7 +769,7 @@ fn phase_ttfw(ctx: &mut Ctx) -> Result<Ttfw> {
     eprintln!(
         "[ttfw] loaded: tessera convert {load_convert_s:.1} s, skopeo push {load_skopeo_s:.1} s"
     );
-    ns.shape(&ctx.args)?;
+    ns.shape(&ctx.args.rate, &ctx.args.burst, &ctx.args.tbf_latency)?;
     eprintln!(
         "[ttfw] shaped {VETH_REG} and {VETH_CLI}: tbf rate {} burst {} latency {}",
         ctx.args.rate, ctx.args.burst, ctx.args.tbf_latency
@@ -1906,60 +1389,6 @@ fn phase_warm(ctx: &mut Ctx, addr: &str, native: &Native, store_filled: bool) ->
 // ---------------------------------------------------------------------------------------
 // Report
 
-fn mark(met: bool) -> &'static str {
-    if met {
-        "met"
-    } else {
-        "**MISSED**"
-    }
-}
-
-/// A ratio with two decimals, or three when two would round it onto the target.
-fn show_ratio(r: f64, target: f64) -> String {
-    let two = format!("{r:.2}");
-    if two.parse::<f64>().ok() == Some(target) && r != target {
-        format!("{r:.3}")
-    } else {
-        two
-    }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn version(cmd: &str, arg: &str) -> String {
-    Command::new(cmd)
-        .arg(arg)
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .map(|o| {
-            let s = String::from_utf8_lossy(if o.stdout.is_empty() {
-                &o.stderr
-            } else {
-                &o.stdout
-            })
-            .into_owned();
-            // nydusd prints "nydusd \rVersion: \t..." on several lines: keep them all.
-            s.split_whitespace().take(12).collect::<Vec<_>>().join(" ")
-        })
-        .unwrap_or_default()
-}
-
-fn mib(kb: u64) -> f64 {
-    kb as f64 / 1024.0
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(
@@ -2012,7 +1441,7 @@ fn main() -> Result<()> {
         "mounts left under {} that cannot be removed",
         work.display()
     );
-    Netns::delete_all();
+    Netns::delete_all(&LINK);
     std::fs::remove_dir_all(&work).with_context(|| format!("emptying {}", work.display()))?;
     let logs = work.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -2105,16 +1534,6 @@ fn main() -> Result<()> {
     }
     ensure!(correct, "correctness checks failed (see the table)");
     Ok(())
-}
-
-/// The first three fields of /proc/loadavg.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split(' ')
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 struct Loopback {
@@ -2213,11 +1632,6 @@ fn loopback_phases(ctx: &mut Ctx) -> Result<Loopback> {
         cold,
         warm,
     })
-}
-
-/// Median of `f` over `v`.
-fn med<T>(v: &[T], f: impl Fn(&T) -> f64) -> f64 {
-    median(&v.iter().map(f).collect::<Vec<_>>())
 }
 
 /// The Markdown table, the JSON summary, and whether every correctness check passed.
