@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::node::wait_for_twin;
 use common::serve::TesseraServe;
 use common::{require_tool, run_json, run_ok, sha, tessera, DockerRegistry};
 use sha2::Digest as _;
@@ -1047,25 +1048,6 @@ fn sigterm_finishes_in_flight_uploads_and_sessions_survive_restart() {
         m.contains("tessera_registry_http_requests_total{method=\"PUT\",route=\"upload\",status=\"201\"} 1"),
         "{m}"
     );
-}
-
-/// Poll the referrers API (bounded) until the tessera twin of `subject` shows up.
-fn wait_for_twin(addr: &str, repo: &str, subject: &str) -> String {
-    let url = format!(
-        "http://{addr}/v2/{repo}/referrers/{subject}?artifactType=application/vnd.tessera.image.v1"
-    );
-    let start = Instant::now();
-    loop {
-        let v: serde_json::Value = http().get(&url).send().unwrap().json().unwrap();
-        if let Some(d) = v["manifests"][0]["digest"].as_str() {
-            return d.to_string();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no tessera twin of {repo}@{subject} after 120 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

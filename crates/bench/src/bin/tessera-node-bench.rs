@@ -1156,21 +1156,7 @@ fn main() -> Result<()> {
         loadavg()
     );
     if !ctx.args.keep_work {
-        ensure!(
-            mounts_under(&work).is_empty(),
-            "mounts left under {}",
-            work.display()
-        );
-        for e in std::fs::read_dir(&work)? {
-            let p = e?.path();
-            if p != ctx.logs {
-                if p.is_dir() {
-                    std::fs::remove_dir_all(&p)?;
-                } else {
-                    std::fs::remove_file(&p)?;
-                }
-            }
-        }
+        clean_work(&work, &ctx.logs)?;
     }
     ensure!(correct, "correctness checks failed (see the table)");
     Ok(())

@@ -4,7 +4,7 @@
 //! `#[path]` (as `registry_bench/http.rs` is); each uses a part of it.
 #![allow(dead_code)]
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -623,4 +623,25 @@ pub fn start_serve(
         .trim_end_matches('/')
         .to_string();
     Ok((p, addr))
+}
+
+/// Remove everything under the work directory but the logs, after checking that no
+/// mount is left under it.
+pub fn clean_work(work: &Path, logs: &Path) -> Result<()> {
+    ensure!(
+        mounts_under(work).is_empty(),
+        "mounts left under {}",
+        work.display()
+    );
+    for e in std::fs::read_dir(work)? {
+        let p = e?.path();
+        if p != logs {
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p)?;
+            } else {
+                std::fs::remove_file(&p)?;
+            }
+        }
+    }
+    Ok(())
 }
