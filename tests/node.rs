@@ -319,3 +319,124 @@ fn a_twin_that_does_not_open_leaves_the_image_to_a_normal_unpack_with_a_log_line
         "no log line about the broken twin:\n{log}"
     );
 }
+
+/// The chain ids of layers given by their uncompressed tars (OCI image spec).
+fn chain_ids(tars: &[&[u8]]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in tars {
+        let d = common::sha(t);
+        let next = match out.last() {
+            None => d,
+            Some(prev) => common::sha(format!("{prev} {d}").as_bytes()),
+        };
+        out.push(next);
+    }
+    out
+}
+
+#[test]
+fn a_repeated_layer_is_told_apart_by_its_chain_id() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    // x = [base, empty, app-l, empty] has a twin; y = [base, empty, app-m] has none and
+    // shares x's first two chain ids. The empty layer is the same blob at both places
+    // in x: only the chain id says which one containerd unpacks.
+    let base = common::TarBuilder::new()
+        .dir(b"etc", 0o755)
+        .file(b"etc/base", 0o644, b"base\n")
+        .finish();
+    let empty = common::TarBuilder::new().finish();
+    let l = common::TarBuilder::new()
+        .dir(b"app", 0o755)
+        .file(b"app/l", 0o644, b"only in x\n")
+        .finish();
+    let m = common::TarBuilder::new()
+        .dir(b"app", 0o755)
+        .file(b"app/m", 0o644, b"only in y\n")
+        .finish();
+    let layout = work.path().join("layout");
+    let layer = |t: &Vec<u8>| common::Layer {
+        tar: t.clone(),
+        compression: "gzip",
+    };
+    common::write_image(
+        &layout,
+        "x",
+        &[layer(&base), layer(&empty), layer(&l), layer(&empty)],
+        |_| {},
+    );
+    common::write_image(
+        &layout,
+        "y",
+        &[layer(&base), layer(&empty), layer(&m)],
+        |_| {},
+    );
+    let a = TesseraServe::start_args(&["--convert-on-push"]);
+    let b = TesseraServe::start();
+    let copy = |tag: &str, dest: &str| {
+        run_ok(std::process::Command::new("skopeo").args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:{tag}", layout.display()),
+            &format!("docker://{dest}"),
+        ]))
+    };
+    copy("x", &format!("{}/rep/x:1", a.addr));
+    let x_digest = {
+        let idx: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+        idx["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == "x")
+            .unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    wait_for_twin(&a.addr, "rep/x", &x_digest);
+    copy("y", &format!("{}/rep/y:1", b.addr));
+
+    let node = NodeDaemon::start(
+        &work.path().join("node"),
+        &work.path().join("tessera.sock"),
+        &work.path().join("node.log"),
+    );
+    let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
+    ctd.pull(&format!("{}/rep/x:1", a.addr));
+    assert_eq!(node.metric("tessera_node_lazy_images"), 1.0);
+    ctd.pull(&format!("{}/rep/y:1", b.addr));
+    // Look at each image's top snapshot through a view.
+    let target = work.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    // (`view --target` prints the mount command in the same call: a view holds no lease
+    // after ctr exits, and containerd's GC, which the pulls set off, may take it.)
+    let files = |key: &str, chain: &str| -> Vec<String> {
+        let mount = run_ok(ctd.ctr().args([
+            "snapshots",
+            "--snapshotter",
+            "tessera",
+            "view",
+            "--target",
+            &target.display().to_string(),
+            key,
+            chain,
+        ]));
+        run_ok(std::process::Command::new("sh").args(["-c", mount.trim()]));
+        let mut found = Vec::new();
+        for f in ["etc/base", "app/l", "app/m"] {
+            if target.join(f).exists() {
+                found.push(f.to_string());
+            }
+        }
+        run_ok(std::process::Command::new("umount").arg(&target));
+        found
+    };
+    let x_chain = chain_ids(&[&base, &empty, &l, &empty]);
+    let y_chain = chain_ids(&[&base, &empty, &m]);
+    assert_eq!(x_chain[..2], y_chain[..2]);
+    assert_eq!(files("xv", &x_chain[3]), ["etc/base", "app/l"]);
+    assert_eq!(files("yv", &y_chain[2]), ["etc/base", "app/m"]);
+}

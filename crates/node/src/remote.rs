@@ -76,16 +76,33 @@ pub struct Twin {
     pub twin_ref: String,
     /// The plain manifest's layers: digest, media type and size, bottom first.
     pub layers: Vec<(String, String, u64)>,
+    /// The chain id of each layer (from the config's `rootfs.diff_ids`), bottom first.
+    pub chains: Vec<String>,
 }
 
 impl Twin {
-    /// Position of `layer` in the plain image (0 is the bottom).
-    pub fn position(&self, layer: &str) -> Option<usize> {
-        self.layers.iter().position(|(d, _, _)| d == layer)
+    /// Position (0 is the bottom) of the layer whose chain id is `target`: what containerd
+    /// unpacks. A layer digest alone is ambiguous (images repeat empty layers).
+    pub fn position(&self, target: &str) -> Option<usize> {
+        self.chains.iter().position(|c| c == target)
     }
-    pub fn is_top(&self, layer: &str) -> bool {
-        self.layers.last().is_some_and(|(d, _, _)| d == layer)
+    pub fn is_top(&self, pos: usize) -> bool {
+        pos + 1 == self.layers.len()
     }
+}
+
+/// Chain ids of `diff_ids` as the OCI image spec defines them: the first is its diff id,
+/// each next one `sha256(previous + " " + diff_id)`.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => Digest::of(format!("{prev} {d}").as_bytes()).to_string(),
+        };
+        out.push(next);
+    }
+    out
 }
 
 /// A lookup's answer (None: no twin) and when it was made.
@@ -173,6 +190,39 @@ impl Resolver {
         if tessera_image::is_tessera(&m) {
             return Ok(None);
         }
+        let config = {
+            let mut bytes = Vec::new();
+            store
+                .open_blob(
+                    &m.config
+                        .sha256()
+                        .map_err(|e| NodeError::BadInput(format!("config of {by_digest}: {e}")))?,
+                    m.config.size,
+                )
+                .and_then(|r| {
+                    std::io::Read::read_to_end(&mut std::io::Read::take(r, 4 << 20), &mut bytes)
+                        .map_err(|e| tessera_oci::OciError::io("reading the image config", e))
+                })
+                .map_err(|e| NodeError::Registry(format!("config of {by_digest}: {e}")))?;
+            bytes
+        };
+        let cfg: serde_json::Value = serde_json::from_slice(&config)
+            .map_err(|e| NodeError::BadInput(format!("config of {by_digest}: {e}")))?;
+        let diff_ids: Vec<String> = cfg["rootfs"]["diff_ids"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if diff_ids.len() != m.layers.len() {
+            return Err(NodeError::BadInput(format!(
+                "{by_digest}: its config lists {} diff ids for {} layers",
+                diff_ids.len(),
+                m.layers.len()
+            )));
+        }
         let twin = tessera_image::find_twin(store.as_ref(), &info.manifest)
             .map_err(|e| NodeError::Registry(format!("referrers of {by_digest}: {e}")))?;
         let Some(twin) = twin else {
@@ -210,6 +260,7 @@ impl Resolver {
                 .iter()
                 .map(|l| (l.digest.clone(), l.media_type.clone(), l.size))
                 .collect(),
+            chains: chain_ids(&diff_ids),
         }))
     }
 }
@@ -217,6 +268,21 @@ impl Resolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_image_spec() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let c = chain_ids(&[a.clone(), b.clone(), b.clone()]);
+        assert_eq!(c[0], a);
+        assert_eq!(c[1], Digest::of(format!("{a} {b}").as_bytes()).to_string());
+        assert_eq!(
+            c[2],
+            Digest::of(format!("{} {b}", c[1]).as_bytes()).to_string()
+        );
+        // A repeated layer has a chain id of its own at each place.
+        assert_ne!(c[1], c[2]);
+    }
 
     #[test]
     fn labels_without_image_information_are_not_remote() {

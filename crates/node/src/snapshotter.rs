@@ -244,14 +244,22 @@ impl Node {
         let Some(twin) = self.resolver.twin(info)? else {
             return Ok(false);
         };
-        let Some(pos) = twin.position(&info.layer) else {
+        let Some(pos) = twin.position(&info.target) else {
             return Err(NodeError::BadInput(format!(
-                "layer {} is not in the manifest {}",
-                info.layer, info.manifest
+                "chain id {} is not one of the image {}",
+                info.target, info.manifest
             )));
         };
         let (digest, media_type, size) = twin.layers[pos].clone();
-        let source = if twin.is_top(&info.layer) {
+        if digest != info.layer {
+            return Err(NodeError::BadInput(format!(
+                "layer {} of {} is {digest}, not {} as containerd says",
+                pos + 1,
+                info.manifest,
+                info.layer
+            )));
+        }
+        let source = if twin.is_top(pos) {
             Source::Lazy {
                 twin: twin.twin_ref.clone(),
                 image: info.image_ref.clone(),
