@@ -313,14 +313,25 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
     }
 
     /// `ctr run --rm` of `image` with the tessera snapshotter; its stdout.
+    /// The container id is made unique to this containerd: runc keeps its state by
+    /// namespace and id under one root for every containerd on the machine, so two tests
+    /// running `py` at once would collide.
     pub fn run(&self, image: &str, id: &str, script: &str) -> String {
+        let unique = format!(
+            "{}-{id}",
+            self.dir
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().trim_start_matches('.').to_string())
+                .unwrap_or_default()
+        );
         run_ok(self.ctr().args([
             "run",
             "--snapshotter",
             "tessera",
             "--rm",
             image,
-            id,
+            &unique,
             "sh",
             "-c",
             script,
