@@ -80,8 +80,11 @@ fi
 
 step "cargo test (logs in $RUN_DIR)"
 export TESSERA_TEST_LOGS=$RUN_DIR
+# Not under `set -e` here: a failing test must still reach the summary below.
+set +e
 cargo test --workspace --no-fail-fast 2>&1 | tee "$RUN_DIR/test.log"
 rc=${PIPESTATUS[0]}
+set -e
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$RUN_DIR/test.log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$RUN_DIR/test.log" | awk '{s+=$1} END {print s+0}')
 echo
