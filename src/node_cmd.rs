@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tessera_mount::session::{MountSpec, RegistryOptions};
 use tessera_mount::store::{NodeStore, StoreOptions};
 use tessera_node::config::{DEFAULT_METRICS, DEFAULT_ROOT, DEFAULT_SOCKET};
+use tessera_node::keeper::Keeper;
 use tessera_node::metrics::Metrics;
 use tessera_node::remote::Resolver;
 use tessera_node::service::{self, Listen};
@@ -36,6 +37,13 @@ pub enum NodeCmd {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Hold the lazy mounts' FUSE connections while no daemon runs (started by the
+    /// daemon itself; see docs/node.md).
+    #[command(hide = true)]
+    Keeper {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
     },
 }
 
@@ -78,6 +86,10 @@ pub struct NodeOpts {
 pub fn node(a: &NodeArgs) -> Result<i32> {
     match &a.cmd {
         Some(NodeCmd::Gc { root, json }) => gc(root, *json),
+        Some(NodeCmd::Keeper { root }) => {
+            tessera_node::keeper::run(root)?;
+            Ok(0)
+        }
         None => run(&a.opts),
     }
 }
@@ -88,6 +100,7 @@ fn gc(root: &std::path::Path, json: bool) -> Result<i32> {
         None,
         &RegistryOptions::default(),
         MountSpec::default(),
+        None,
     )
     .context(
         "opening the node's state (is `tessera node` running on it? it cleans up by itself)",
@@ -108,6 +121,7 @@ fn open(
     store_opts: Option<StoreOptions>,
     reg: &RegistryOptions,
     spec: MountSpec,
+    keeper: Option<Arc<Keeper>>,
 ) -> Result<Arc<Node>> {
     let chunks = root.join("chunks");
     let store = NodeStore::open_with(&chunks, store_opts.unwrap_or_default())
@@ -119,6 +133,7 @@ fn open(
         Resolver::new(reg.clone()).with_index_cache(store),
         spec,
         Arc::new(Metrics::default()),
+        keeper,
     )?)
 }
 
@@ -173,7 +188,12 @@ fn run(o: &NodeOpts) -> Result<i32> {
         quota,
         shared: o.shared_store.clone().or(file.shared_store),
     };
-    let node = open(&root, Some(store_opts), &reg, spec)?;
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let program = std::env::current_exe().context("finding this program's path")?;
+    let keeper = Keeper::connect(&root, &program)
+        .context("connecting to the mount keeper (it holds the lazy mounts across restarts)")?;
+    let node = open(&root, Some(store_opts), &reg, spec, Some(Arc::new(keeper)))?;
+    node.resume()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -34,7 +34,9 @@ fn containerd_runs_plain_images_lazily_from_their_twins_and_exactly_when_they_sh
     let python = format!("{}/lib/python:3", a.addr);
     ctd.pull(&python);
     let content = ctd.content();
-    for layer in ["sha256:8c6c9477ab1c", "sha256:a92f83cd0281"] {
+    let layers = layer_digests("debian-python");
+    assert_eq!(layers.len(), 2);
+    for layer in &layers {
         assert!(
             !content.contains(layer),
             "containerd downloaded layer {layer} of a twin-backed image:\n{content}"
@@ -264,6 +266,108 @@ fn a_killed_node_daemon_comes_back_with_its_lazy_images_and_clears_debris() {
 }
 
 #[test]
+fn a_running_container_keeps_reading_through_a_killed_and_restarted_node_daemon() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let a = TesseraServe::start_args(&["--convert-on-push"]);
+    push(&a.addr, "debian-python", "lib/python:3");
+    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
+    let root = work.path().join("node");
+    let socket = work.path().join("tessera.sock");
+    let log = work.path().join("node.log");
+    let mut node = NodeDaemon::start(&root, &socket, &log);
+    let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
+    let python = format!("{}/lib/python:3", a.addr);
+    ctd.pull(&python);
+    // The container reads files it has not read before, one after another: each open
+    // and read goes to the daemon, so the kill lands between and inside them.
+    let files = "cd / && for f in $(find usr/lib/python3* -name '*.py' -size +6k | LC_ALL=C sort | head -80); do sha256sum $f; sleep $PAUSE; done";
+    let want = expected_of("debian-python", work.path(), &format!("PAUSE=0; {files}"));
+    assert_eq!(want.lines().count(), 80, "{want}");
+    let mut ctr = ctd
+        .run_cmd(&python, "reader", &format!("PAUSE=0.1; {files}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = ctr.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let until = Instant::now() + Duration::from_secs(60);
+    while got.len() < 5 {
+        let left = until.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => got.push(l),
+            Err(_) => panic!("the container printed {} lines in 60 s", got.len()),
+        }
+    }
+    node.kill9();
+    // While no daemon runs, the container's reads wait (they do not fail).
+    std::thread::sleep(Duration::from_secs(2));
+    while let Ok(l) = rx.try_recv() {
+        got.push(l);
+    }
+    assert!(
+        got.len() < 80,
+        "the container finished before the daemon was killed"
+    );
+    let stalled_at = got.len();
+    let mut node = NodeDaemon::start(&root, &socket, &log);
+    // An upgrade: SIGTERM, then a new daemon. The mount stays with the keeper again.
+    while got.len() < stalled_at + 10 {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => got.push(l),
+            Err(e) => panic!(
+                "the container stopped printing after the restart ({e}): {:?}",
+                ctr.try_wait()
+            ),
+        }
+    }
+    node.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    let node = NodeDaemon::start(&root, &socket, &log);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = ctr.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the container did not finish within 120 s of the restart"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
+        got.push(l);
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut ctr.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "the container failed: {status}: {err}");
+    assert!(err.is_empty(), "the container saw errors: {err}");
+    assert_eq!(got.join("\n") + "\n", want, "wrong bytes after the restart");
+    assert!(got.len() > stalled_at, "nothing was read after the restart");
+    // The new daemon took the mount over rather than making another one.
+    assert_eq!(node.metric("tessera_node_adopted_mounts_total"), 1.0);
+    assert!(
+        node.log()
+            .contains("lazy mounts left to the keeper for the next daemon mounts=1"),
+        "SIGTERM did not leave the mount to the keeper"
+    );
+    assert_eq!(node.metric("tessera_node_lazy_mounts"), 1.0);
+}
+
+#[test]
 fn a_twin_that_does_not_open_leaves_the_image_to_a_normal_unpack_with_a_log_line() {
     require_root();
     let work = tempfile::tempdir().unwrap();
@@ -308,7 +412,12 @@ fn a_twin_that_does_not_open_leaves_the_image_to_a_normal_unpack_with_a_log_line
     ctd.pull(&python);
     // containerd unpacked the layers itself, and the container's root is exact.
     let content = ctd.content();
-    assert!(content.contains("sha256:a92f83cd0281"), "{content}");
+    for layer in layer_digests("debian-python") {
+        assert!(
+            content.contains(&layer),
+            "{layer} not downloaded:\n{content}"
+        );
+    }
     let out = ctd.run(&python, "py", CHECK);
     assert_eq!(out, expected("debian-python", work.path()));
     assert_eq!(node.metric("tessera_node_lazy_images"), 0.0);

@@ -68,6 +68,22 @@ pub fn manifest_digest(tag: &str) -> String {
         .to_string()
 }
 
+/// The layer digests of a corpus image (the corpus is built on each machine, and gzip
+/// output may differ between builds: never hard-code them).
+pub fn layer_digests(tag: &str) -> Vec<String> {
+    let d = manifest_digest(tag);
+    let blob = corpus()
+        .join("layout/blobs/sha256")
+        .join(d.trim_start_matches("sha256:"));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(blob).unwrap()).unwrap();
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
 pub fn wait_for_twin(addr: &str, repo: &str, subject: &str) -> String {
     let url = format!(
         "http://{addr}/v2/{repo}/referrers/{subject}?artifactType=application/vnd.tessera.image.v1"
@@ -182,6 +198,23 @@ impl NodeDaemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, as an upgrade stops it; wait for it to exit (its mounts stay).
+    pub fn stop(&mut self) {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        )
+        .ok();
+        let start = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "tessera node did not stop within 20 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -193,6 +226,17 @@ impl Drop for NodeDaemon {
         if std::thread::panicking() {
             eprintln!("--- tessera node log ---\n{}", self.log());
         }
+        // A stopped daemon leaves its lazy mounts to the keeper (for the next daemon):
+        // take them away once it is gone, and the keeper exits by itself. (Left mounted
+        // with no daemon, they would block whatever walks into them, the removal of
+        // the test's directory first.)
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                unmount_under(self.0);
+            }
+        }
+        let _unmount = Unmount(&self.root);
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
@@ -317,6 +361,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
     /// namespace and id under one root for every containerd on the machine, so two tests
     /// running `py` at once would collide.
     pub fn run(&self, image: &str, id: &str, script: &str) -> String {
+        run_ok(&mut self.run_cmd(image, id, script))
+    }
+
+    /// The `ctr run` command of [`Containerd::run`], to start and watch.
+    pub fn run_cmd(&self, image: &str, id: &str, script: &str) -> Command {
         let unique = format!(
             "{}-{id}",
             self.dir
@@ -325,7 +374,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
                 .map(|n| n.to_string_lossy().trim_start_matches('.').to_string())
                 .unwrap_or_default()
         );
-        run_ok(self.ctr().args([
+        let mut c = self.ctr();
+        c.args([
             "run",
             "--snapshotter",
             "tessera",
@@ -335,7 +385,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
             "sh",
             "-c",
             script,
-        ]))
+        ]);
+        c
     }
 
     pub fn pull(&self, image: &str) -> String {
@@ -366,7 +417,45 @@ impl Drop for Containerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        kill_shims(&self.socket);
         unmount_under(&self.dir);
+    }
+}
+
+/// Kill the containers of a containerd and their shims (they outlive containerd: a
+/// test that failed would leave them running, and reading from mounts nobody serves).
+pub fn kill_shims(socket: &Path) {
+    let address = format!("-address {}", socket.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(p.path().join("cmdline"))
+            .unwrap_or_default()
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !cmdline.contains("containerd-shim") || !cmdline.contains(&address) {
+            continue;
+        }
+        // The shim's children are the containers' init processes.
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<i32>().ok())
+        {
+            if let Some(c) = rustix::process::Pid::from_raw(c) {
+                let _ = rustix::process::kill_process(c, rustix::process::Signal::KILL);
+            }
+        }
+        if let Some(p) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
     }
 }
 
@@ -384,11 +473,16 @@ pub const CHECK: &str = "cd / && find usr -xdev -printf '%p %y %m %l\\n' | LC_AL
 
 /// The check script's output for a corpus image unpacked by umoci (the reference).
 pub fn expected(tag: &str, work: &Path) -> String {
+    expected_of(tag, work, CHECK)
+}
+
+/// What `script` prints run in a corpus image unpacked by umoci (the reference).
+pub fn expected_of(tag: &str, work: &Path, script: &str) -> String {
     let rootfs = super::umoci_rootfs(&corpus().join("layout"), tag, work);
     let out = run_ok(
         Command::new("chroot")
             .arg(&rootfs)
-            .args(["sh", "-c", CHECK]),
+            .args(["sh", "-c", script]),
     );
     let _ = std::fs::remove_dir_all(rootfs.parent().unwrap());
     out

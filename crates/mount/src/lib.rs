@@ -21,6 +21,7 @@
 //!   The kernel allows one mode per inode at a time: while a file is open through the
 //!   daemon, new opens of it go through the daemon too.
 
+pub mod conn;
 pub mod daemon;
 pub mod fetch;
 #[doc(hidden)]
@@ -30,6 +31,7 @@ pub mod profile;
 pub mod session;
 pub mod store;
 
+pub use conn::FuseConn;
 use fetch::{Failure, Fetcher, Priority};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -281,7 +283,14 @@ impl ImageFs {
             profile: None,
             passthrough_min: Some(PASSTHROUGH_MIN),
             passthrough_ok: AtomicBool::new(false),
-            opens: Mutex::new(Opens::default()),
+            // File handles of a daemon before this one (whose connection this one may
+            // take over) are still open in the kernel: start past them.
+            opens: Mutex::new(Opens {
+                next_fh: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(1 << 40, |d| d.as_nanos() as u64),
+                ..Opens::default()
+            }),
         }
     }
 
@@ -1069,13 +1078,18 @@ impl Writable {
 /// `writable.lower()`) and serve it until it is unmounted. `ready` runs once everything
 /// is mounted, while requests are already being served. `access` says who may use the
 /// mount and whether setuid bits and device nodes count (by default: not).
+///
+/// With `adopt`, the FUSE mount on `dir` is already there (a daemon before this one
+/// served it; see [`conn`]) and this one takes over its connection. `ready` gets the
+/// connection, for a keeper to hold a copy of it.
 pub fn serve(
     fs: ImageFs,
     dir: &Path,
     threads: usize,
     writable: Option<&Writable>,
     access: Access,
-    ready: impl FnOnce(),
+    adopt: Option<FuseConn>,
+    ready: impl FnOnce(&FuseConn),
 ) -> Result<(), MountError> {
     let fuse_dir = match writable {
         Some(w) => {
@@ -1107,12 +1121,33 @@ pub fn serve(
     // ends, and a session can end long after its mount went (a copy of the mount in
     // another mount namespace keeps the connection alive past `tessera umount`), by
     // which time the path may hold a newer mount. Ours is told apart by its device.
-    let (fd, dev) = mount_fuse(&fuse_dir, access).map_err(err)?;
     let acl = config.acl;
-    let session = match fuser::Session::from_fd(fs, fd, acl, config) {
+    let (conn, fresh) = match adopt {
+        Some(c) if writable.is_some() => {
+            drop(c);
+            return Err(err(std::io::Error::other(
+                "a writable mount cannot be taken over from another daemon",
+            )));
+        }
+        Some(c) => (c, false),
+        None => {
+            let (fd, dev) = mount_fuse(&fuse_dir, access).map_err(err)?;
+            match conn::read_init(&fd) {
+                Ok(init) => (FuseConn { fd, init, dev }, true),
+                Err(e) => {
+                    unmount_if_ours(&fuse_dir, dev);
+                    return Err(err(e));
+                }
+            }
+        }
+    };
+    let dev = conn.dev;
+    let session = match conn::session(fs, &conn, fresh, acl, config) {
         Ok(s) => s,
         Err(e) => {
-            unmount_if_ours(&fuse_dir, dev);
+            if fresh {
+                unmount_if_ours(&fuse_dir, dev);
+            }
             return Err(err(e));
         }
     };
@@ -1129,7 +1164,8 @@ pub fn serve(
             return Err(e);
         }
     }
-    ready();
+    ready(&conn);
+    drop(conn);
     let r = match runner.join() {
         Ok(r) => r.map_err(err),
         Err(_) => Err(err(std::io::Error::other(
@@ -1177,10 +1213,30 @@ fn mount_fuse(dir: &Path, access: Access) -> std::io::Result<(std::os::fd::Owned
     Ok((fd, dev))
 }
 
+/// `dir` as mountinfo names it: its parent made absolute and free of symlinks, its last
+/// component as it is. `dir` itself is never looked at: a FUSE mount root whose daemon
+/// is gone (and whose connection a keeper holds) would block the caller until a daemon
+/// comes back.
+fn mount_path(dir: &Path) -> PathBuf {
+    match (dir.parent(), dir.file_name()) {
+        (Some(p), Some(name)) => {
+            let p = if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            };
+            std::fs::canonicalize(p)
+                .map(|p| p.join(name))
+                .unwrap_or_else(|_| dir.to_path_buf())
+        }
+        _ => std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
+    }
+}
+
 /// The device number of the topmost mount at `dir` (from `/proc/self/mountinfo`, so a
 /// FUSE mount whose daemon is busy or gone is not asked).
-fn mount_dev(dir: &Path) -> Option<u64> {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+pub fn mount_dev(dir: &Path) -> Option<u64> {
+    let dir = mount_path(dir);
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     text.lines().rev().find_map(|l| {
         let mut f = l.split(' ');
@@ -1257,7 +1313,7 @@ fn mounts() -> Vec<(PathBuf, String, String)> {
 /// Unmount `dir` (lazily: also cleans up the mount of a daemon that died). For a
 /// writable mount, the overlay goes first, then the tessera mount under it.
 pub fn unmount(dir: &Path) -> Result<(), MountError> {
-    let dir_abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let dir_abs = mount_path(dir);
     let lower = mounts()
         .into_iter()
         .rev()

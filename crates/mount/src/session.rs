@@ -14,7 +14,7 @@ use tessera_oci::{ImageRef, OciError, Store};
 
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::store::{MountInfo, NodeStore};
-use crate::{Access, ImageFs, MountError, Writable};
+use crate::{Access, FuseConn, ImageFs, MountError, Writable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -262,6 +262,30 @@ pub fn start(
     o: &MountSpec,
     store: &Arc<NodeStore>,
 ) -> Result<(Arc<Job>, Session), SessionError> {
+    start_with(reference, dir, n, o, store, Handover::default())
+}
+
+/// What is called with a mount's connection once it is served.
+pub type KeepConn = Box<dyn FnOnce(&FuseConn) + Send>;
+
+/// How a mount's FUSE connection passes between daemons (see [`crate::conn`]).
+#[derive(Default)]
+pub struct Handover {
+    /// The connection of a mount already on `dir`, to serve instead of mounting.
+    pub adopt: Option<FuseConn>,
+    /// Called once the mount is served, with its connection (to keep a copy of it).
+    pub keep: Option<KeepConn>,
+}
+
+/// [`start`], taking over a mount or handing its connection to a keeper.
+pub fn start_with(
+    reference: &str,
+    dir: &Path,
+    n: usize,
+    o: &MountSpec,
+    store: &Arc<NodeStore>,
+    handover: Handover,
+) -> Result<(Arc<Job>, Session), SessionError> {
     let mut fetch = FetchOptions {
         max_wait: Duration::from_secs(o.fetch_timeout),
         readahead: o.readahead,
@@ -404,9 +428,21 @@ pub fn start(
         .name(format!("tessera-mount-{n}"))
         .spawn(move || {
             let tx = ready_tx.clone();
-            let r = crate::serve(fs, &d2, threads, writable.as_ref(), access, move || {
-                let _ = tx.send(Ok(()));
-            });
+            let Handover { adopt, keep } = handover;
+            let r = crate::serve(
+                fs,
+                &d2,
+                threads,
+                writable.as_ref(),
+                access,
+                adopt,
+                move |c| {
+                    if let Some(keep) = keep {
+                        keep(c);
+                    }
+                    let _ = tx.send(Ok(()));
+                },
+            );
             if let Err(e) = &r {
                 let _ = ready_tx.send(Err(e.to_string()));
             }

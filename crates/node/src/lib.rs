@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod filter;
+pub mod keeper;
 pub mod layer;
 pub mod meta;
 pub mod metrics;

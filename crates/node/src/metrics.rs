@@ -26,6 +26,8 @@ pub struct Metrics {
     pub materialized: Counter,
     /// Layers containerd unpacked itself because the twin could not serve them.
     pub twin_fallbacks: Counter,
+    /// Lazy mounts taken over from a daemon before this one (through the keeper).
+    pub adopted_mounts: Counter,
 }
 
 impl Default for Metrics {
@@ -63,6 +65,12 @@ impl Default for Metrics {
             "Layers containerd unpacked itself because the twin could not serve them",
             twin_fallbacks.clone(),
         );
+        let adopted_mounts = Counter::default();
+        registry.register(
+            "adopted_mounts",
+            "Lazy mounts taken over from an earlier daemon, with their readers",
+            adopted_mounts.clone(),
+        );
         Metrics {
             registry,
             calls,
@@ -71,6 +79,7 @@ impl Default for Metrics {
             placeholders,
             materialized,
             twin_fallbacks,
+            adopted_mounts,
         }
     }
 }

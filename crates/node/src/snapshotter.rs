@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use tessera_mount::session::{self, Job, Jobs, MountSpec};
 use tessera_mount::store::NodeStore;
 
+use crate::keeper::Keeper;
+
 use crate::meta::{self, Kind, Meta, Record, Source};
 use crate::metrics::Metrics;
 use crate::remote::{LayerInfo, Resolver, LABEL_TARGET, LABEL_TWIN};
@@ -63,6 +65,9 @@ pub struct Node {
     overlay_index_off: bool,
     /// Directories the start-up cleanup removed.
     cleaned_at_open: std::sync::atomic::AtomicUsize,
+    /// Holds every lazy mount's FUSE connection across daemon restarts (None: the
+    /// mounts end with this process).
+    keeper: Option<Arc<Keeper>>,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
@@ -71,14 +76,15 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
 }
 
 impl Node {
-    /// Open the node's state under `root` (created if missing), remove debris of a crash
-    /// and mount the lazy snapshots again.
+    /// Open the node's state under `root` (created if missing) and remove debris of a
+    /// crash. [`Node::resume`] then serves the lazy snapshots again.
     pub fn open(
         root: &Path,
         store: Arc<NodeStore>,
         resolver: Resolver,
         mut spec: MountSpec,
         metrics: Arc<Metrics>,
+        keeper: Option<Arc<Keeper>>,
     ) -> Result<Arc<Node>, NodeError> {
         std::fs::create_dir_all(root.join("snapshots"))
             .map_err(io(format!("creating {}", root.join("snapshots").display())))?;
@@ -106,17 +112,24 @@ impl Node {
             metrics,
             overlay_index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
             cleaned_at_open: Default::default(),
+            keeper,
         });
         let removed = node.cleanup()?;
         node.cleaned_at_open.store(removed, Ordering::SeqCst);
-        for (key, rec) in node.meta.all()? {
+        Ok(node)
+    }
+
+    /// Serve every lazy snapshot again: take over the mounts a daemon before this one
+    /// left with the keeper (running containers keep reading them), mount the others.
+    pub fn resume(&self) -> Result<(), NodeError> {
+        for (key, rec) in self.meta.all()? {
             if let Source::Lazy { twin, .. } = &rec.source {
-                if let Err(e) = node.ensure_lazy(rec.id, twin) {
-                    tracing::warn!(%key, %twin, error = %e, "cannot mount a lazy snapshot again; retried on its next use");
+                if let Err(e) = self.ensure_lazy(rec.id, twin) {
+                    tracing::warn!(%key, %twin, error = %e, "cannot serve a lazy snapshot again; retried on its next use");
                 }
             }
         }
-        Ok(node)
+        Ok(())
     }
 
     /// How many unreferenced snapshot directories opening the node removed.
@@ -544,13 +557,56 @@ impl Node {
             return Ok(());
         }
         let dir = self.dir(id).join("lazy");
-        // A mount left by a daemon that died is dead (ENOTCONN): detach it first.
-        if is_mountpoint(&dir) {
+        let name = keeper_name(id);
+        // The mount a daemon before this one served, if the keeper held on to it and it
+        // is still the one at `dir`.
+        let adopt = match &self.keeper {
+            Some(k) => match k.take(&name) {
+                Ok(Some(c)) if tessera_mount::mount_dev(&dir) == Some(c.dev) => Some(c),
+                Ok(Some(_)) => {
+                    let _ = k.forget(&name);
+                    None
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ask the keeper for a mount; mounting anew");
+                    None
+                }
+            },
+            None => None,
+        };
+        // A mount left by a daemon that died and that nothing kept is dead (ENOTCONN):
+        // detach it first.
+        if adopt.is_none() && is_mountpoint(&dir) {
             let _ = rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::DETACH);
         }
-        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-        let (job, session) = session::start(twin, &dir, id as usize, &self.spec, &self.store)
-            .map_err(|e| NodeError::Mount(e.to_string()))?;
+        let adopted = adopt.is_some();
+        if !adopted {
+            // Never a stat of `dir`: whatever was mounted there may have nobody serving
+            // it (mkdir answers EEXIST without asking the mount).
+            let parent = self.dir(id);
+            std::fs::create_dir_all(&parent)
+                .and_then(|()| match std::fs::create_dir(&dir) {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                    r => r,
+                })
+                .map_err(io(format!("creating {}", dir.display())))?;
+        }
+        let keep = self.keeper.clone().map(|k| {
+            let name = name.clone();
+            Box::new(move |c: &tessera_mount::FuseConn| {
+                if let Err(e) = k.keep(&name, c) {
+                    tracing::warn!(%name, error = %e, "the keeper cannot hold this mount: it ends with this daemon");
+                }
+            }) as session::KeepConn
+        });
+        let handover = session::Handover { adopt, keep };
+        let (job, session) =
+            session::start_with(twin, &dir, id as usize, &self.spec, &self.store, handover)
+                .map_err(|e| NodeError::Mount(e.to_string()))?;
+        if adopted {
+            self.metrics.adopted_mounts.inc();
+        }
         self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -572,7 +628,7 @@ impl Node {
                 metrics.lazy_mounts.dec();
             })
             .map_err(io("starting a mount's reaper"))?;
-        tracing::info!(id, %twin, dir = %dir.display(), "lazy mount up");
+        tracing::info!(id, %twin, dir = %dir.display(), adopted, "lazy mount up");
         Ok(())
     }
 
@@ -582,6 +638,11 @@ impl Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
+        if let Some(k) = &self.keeper {
+            if let Err(e) = k.forget(&keeper_name(id)) {
+                tracing::warn!(id, error = %e, "cannot tell the keeper a mount is going");
+            }
+        }
         if let Some(job) = job {
             if let Err(e) = tessera_mount::unmount(&job.dir) {
                 tracing::warn!(dir = %job.dir.display(), error = %e, "cannot unmount a lazy snapshot; detaching it");
@@ -698,8 +759,24 @@ impl Node {
         Ok(removed)
     }
 
-    /// Unmount every lazy mount (the daemon is stopping).
+    /// The daemon is stopping: with a keeper, the lazy mounts stay for the next daemon
+    /// (containers keep running, their reads wait); without one, they are unmounted.
     pub fn shutdown(&self) {
+        if let Some(k) = &self.keeper {
+            match k.list() {
+                Ok(held) => {
+                    tracing::info!(
+                        mounts = held.len(),
+                        "lazy mounts left to the keeper for the next daemon"
+                    );
+                    self.publisher_done.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the keeper cannot be reached: unmounting the lazy mounts")
+                }
+            }
+        }
         let ids: Vec<u64> = self
             .lazy
             .lock()
@@ -712,6 +789,11 @@ impl Node {
         }
         self.publisher_done.store(true, Ordering::SeqCst);
     }
+}
+
+/// What the keeper calls the lazy mount of snapshot `id`.
+fn keeper_name(id: u64) -> String {
+    format!("snapshot-{id}")
 }
 
 /// The name of a snapshot the node created for a layer answered from a twin.
@@ -727,16 +809,9 @@ fn join(dirs: &[PathBuf]) -> String {
 }
 
 fn is_mountpoint(dir: &Path) -> bool {
-    let Some(parent) = dir.parent() else {
-        return false;
-    };
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::symlink_metadata(dir), std::fs::metadata(parent)) {
-        (Ok(d), Ok(p)) => d.dev() != p.dev(),
-        // A dead FUSE mount answers ENOTCONN.
-        (Err(e), _) => e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()),
-        _ => false,
-    }
+    // From mountinfo, never by looking at `dir`: a lazy mount whose daemon is gone and
+    // whose connection the keeper holds would block the caller.
+    tessera_mount::mount_dev(dir).is_some()
 }
 
 /// Disk bytes and inodes under `dir`, hard links counted once.
