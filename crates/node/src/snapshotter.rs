@@ -121,14 +121,51 @@ impl Node {
 
     /// Serve every lazy snapshot again: take over the mounts a daemon before this one
     /// left with the keeper (running containers keep reading them), mount the others.
-    pub fn resume(&self) -> Result<(), NodeError> {
+    /// One that cannot be served now (its registry is down, say) is tried again every
+    /// few seconds in the background: a container may be waiting on its mount.
+    pub fn resume(self: &Arc<Self>) -> Result<(), NodeError> {
+        let mut failed = Vec::new();
         for (key, rec) in self.meta.all()? {
             if let Source::Lazy { twin, .. } = &rec.source {
                 if let Err(e) = self.ensure_lazy(rec.id, twin) {
-                    tracing::warn!(%key, %twin, error = %e, "cannot serve a lazy snapshot again; retried on its next use");
+                    tracing::warn!(%key, %twin, error = %e, "cannot serve a lazy snapshot again; retrying in the background");
+                    failed.push((key, rec.id, twin.clone()));
                 }
             }
         }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let node = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("tessera-node-resume".into())
+            .spawn(move || {
+                let mut wait = std::time::Duration::from_secs(2);
+                while !failed.is_empty() {
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(std::time::Duration::from_secs(30));
+                    let Some(node) = node.upgrade() else { return };
+                    if node.publisher_done.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    failed.retain(|(key, id, twin)| {
+                        // Gone meanwhile (removed), or served by a call that needed it.
+                        if !matches!(node.meta.get(key), Ok(Some(r)) if r.id == *id)
+                            || node.lazy.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id)
+                        {
+                            return false;
+                        }
+                        match node.ensure_lazy(*id, twin) {
+                            Ok(()) => false,
+                            Err(e) => {
+                                tracing::warn!(%key, %twin, error = %e, "still cannot serve a lazy snapshot; retrying");
+                                true
+                            }
+                        }
+                    });
+                }
+            })
+            .map_err(io("starting the resume thread"))?;
         Ok(())
     }
 
