@@ -46,6 +46,13 @@ step "containerd 2.x ($TESSERA_CACHE/containerd2)"
 TESSERA_CONTAINERD2=$(bash scripts/containerd2.sh "$TESSERA_CACHE/containerd2")
 export TESSERA_CONTAINERD2
 
+step "Docker Engine 28 ($TESSERA_CACHE/docker28)"
+# Docker with containerd's image store and tessera as its snapshotter needs Docker 24+;
+# Debian 12's is 20.10. Unstable's dockerd and docker CLI, unpacked (not installed).
+bash scripts/sid-unpack.sh "$TESSERA_CACHE/docker28" docker.io docker-cli
+export TESSERA_DOCKER28=$TESSERA_CACHE/docker28/usr/bin
+"$TESSERA_DOCKER28/dockerd" --version
+
 step "python packages ($TESSERA_VENV)"
 # oras-py drives the artifact/referrers test; pip reads the machine's own index config.
 if ! "$TESSERA_VENV/bin/python3" -m pip --version >/dev/null 2>&1; then

@@ -2,10 +2,12 @@
 //! (started here with its own root, state and socket) and real registries on loopback:
 //! lazy pulls of plain images through their tessera twins, exact root filesystems when
 //! images share layers with twin-backed ones, the snapshots API's semantics through
-//! `ctr`, and a daemon killed and started again.
+//! `ctr`, Docker Engine 28 with tessera as its snapshotter, and a daemon killed and
+//! started again under a running container.
 
 mod common;
 
+use common::docker::{docker28_bin, Dockerd, DockerdOptions};
 use common::node::*;
 use common::serve::TesseraServe;
 use common::{require_root, run_ok};
@@ -365,6 +367,57 @@ fn a_running_container_keeps_reading_through_a_killed_and_restarted_node_daemon(
         "SIGTERM did not leave the mount to the keeper"
     );
     assert_eq!(node.metric("tessera_node_lazy_mounts"), 1.0);
+}
+
+#[test]
+fn docker_28_runs_a_plain_image_lazily_from_its_twin_with_tessera_as_its_snapshotter() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let a = TesseraServe::start_args(&["--convert-on-push"]);
+    push(&a.addr, "debian-python", "lib/python:3");
+    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
+    let node = NodeDaemon::start(
+        &work.path().join("node"),
+        &work.path().join("tessera.sock"),
+        &work.path().join("node.log"),
+    );
+    let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
+    // Docker's containerd image store with tessera as the snapshotter, on that
+    // containerd (its proxy plugin reaches the node daemon).
+    let dk = Dockerd::start_with(DockerdOptions {
+        bin: Some(docker28_bin()),
+        config: Some(r#"{"features": {"containerd-snapshotter": true}}"#.into()),
+        containerd: Some(ctd.socket.clone()),
+        path: Some(ctd.bin.display().to_string()),
+        storage_driver: Some("tessera".into()),
+    });
+    assert_eq!(
+        dk.ok(&["info", "--format", "{{.Driver}}"]).trim(),
+        "tessera"
+    );
+    let python = format!("{}/lib/python:3", a.addr);
+    dk.ok(&["pull", "-q", &python]);
+    // No layer was downloaded into containerd's store (Docker's namespace is moby).
+    let content = run_ok(ctd.ctr().args(["-n", "moby", "content", "ls", "-q"]));
+    for layer in layer_digests("debian-python") {
+        assert!(
+            !content.contains(&layer),
+            "docker pull downloaded layer {layer} of a twin-backed image:\n{content}"
+        );
+    }
+    assert_eq!(node.metric("tessera_node_lazy_images"), 1.0);
+    let out = dk.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &python,
+        "sh",
+        "-c",
+        &format!("python3 -c 'print(6*7)' && {CHECK}"),
+    ]);
+    assert!(out.starts_with("42\n"), "{out}");
+    assert_eq!(out["42\n".len()..], expected("debian-python", work.path()));
 }
 
 #[test]

@@ -408,5 +408,6 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+pub mod docker;
 pub mod node;
 pub mod serve;
