@@ -421,6 +421,61 @@ fn docker_28_runs_a_plain_image_lazily_from_its_twin_with_tessera_as_its_snapsho
 }
 
 #[test]
+fn a_registry_gone_mid_start_fails_the_container_cleanly_and_hangs_nothing() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let a = TesseraServe::start_args(&["--convert-on-push"]);
+    push(&a.addr, "debian-python", "lib/python:3");
+    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
+    let node = NodeDaemon::start_args(
+        &work.path().join("node"),
+        &work.path().join("tessera.sock"),
+        &work.path().join("node.log"),
+        &["--fetch-timeout", "3"],
+    );
+    let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
+    let python = format!("{}/lib/python:3", a.addr);
+    // Pulled (lazily: nothing of the tree is on the node yet), then the registry goes.
+    ctd.pull(&python);
+    drop(a);
+    let start = Instant::now();
+    let out = ctd
+        .run_cmd(&python, "gone", "python3 -c 'print(1)'")
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The container fails (its reads end in EIO after the fetch deadline) within a
+    // bound, says why, and prints nothing it should not have.
+    assert!(!out.status.success(), "ran without its registry: {stdout}");
+    assert!(
+        took < Duration::from_secs(60),
+        "the container took {took:?} to fail"
+    );
+    assert!(!stdout.contains('1'), "{stdout}");
+    // (containerd itself reads the image's /etc/passwd and /etc/group to resolve the
+    // user before the process starts: that read is the first to fail.)
+    let said = format!("{stdout}{err}").to_lowercase();
+    assert!(
+        said.contains("input/output error"),
+        "no I/O error from the container: {said}"
+    );
+    let log = node.log();
+    assert!(
+        log.contains("reads of them fail with EIO"),
+        "no log line for the failed fetches:\n{log}"
+    );
+    // The daemon still answers containerd at once.
+    let start = Instant::now();
+    run_ok(
+        ctd.ctr()
+            .args(["snapshots", "--snapshotter", "tessera", "ls"]),
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
 fn a_twin_that_does_not_open_leaves_the_image_to_a_normal_unpack_with_a_log_line() {
     require_root();
     let work = tempfile::tempdir().unwrap();

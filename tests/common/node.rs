@@ -127,6 +127,10 @@ pub struct NodeDaemon {
 
 impl NodeDaemon {
     pub fn start(root: &Path, socket: &Path, log: &Path) -> NodeDaemon {
+        Self::start_args(root, socket, log, &[])
+    }
+
+    pub fn start_args(root: &Path, socket: &Path, log: &Path, extra: &[&str]) -> NodeDaemon {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -137,6 +141,7 @@ impl NodeDaemon {
             .arg(root)
             .arg("--socket")
             .arg(socket)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
