@@ -432,6 +432,7 @@ fn a_registry_gone_mid_start_fails_the_container_cleanly_and_hangs_nothing() {
         &work.path().join("tessera.sock"),
         &work.path().join("node.log"),
         &["--fetch-timeout", "3"],
+        &[],
     );
     let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
     let python = format!("{}/lib/python:3", a.addr);
@@ -473,6 +474,128 @@ fn a_registry_gone_mid_start_fails_the_container_cleanly_and_hangs_nothing() {
             .args(["snapshots", "--snapshotter", "tessera", "ls"]),
     );
     assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// containerd's ctr pull, retried while the daemon is not reachable yet (containerd's
+/// client backs off after a crash).
+fn pull_until_ok(ctd: &Containerd, image: &str) {
+    let start = Instant::now();
+    loop {
+        let out = ctd
+            .ctr()
+            .args([
+                "image",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                "tessera",
+                image,
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "ctr pull kept failing after the restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_daemon_killed_inside_prepare_or_commit_agrees_with_containerd_after_a_restart() {
+    require_root();
+    let b = TesseraServe::start();
+    push(&b.addr, "debian-base", "lib/base:1");
+    let want = {
+        let w = tempfile::tempdir().unwrap();
+        expected("debian-base", w.path())
+    };
+    for point in ["prepare", "commit"] {
+        let work = tempfile::tempdir().unwrap();
+        let root = work.path().join("node");
+        let socket = work.path().join("tessera.sock");
+        let log = work.path().join("node.log");
+        let mut node = NodeDaemon::start_args(
+            &root,
+            &socket,
+            &log,
+            &[],
+            &[("TESSERA_NODE_CRASH_AT", point)],
+        );
+        let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
+        let base = format!("{}/lib/base:1", b.addr);
+        // The pull's unpack reaches the crash point: the daemon dies mid-call.
+        let out = ctd
+            .ctr()
+            .args([
+                "image",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                "tessera",
+                &base,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{point}: the pull survived the crash"
+        );
+        let start = Instant::now();
+        while node.child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{point}: no crash"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        node.kill9();
+        let node = NodeDaemon::start(&root, &socket, &log);
+        pull_until_ok(&ctd, &base);
+        assert_eq!(
+            ctd.run(&base, &format!("after-{point}"), CHECK),
+            want,
+            "{point}: wrong tree after the restart"
+        );
+        if point == "prepare" {
+            assert!(
+                node.log()
+                    .contains("removed snapshot directories no record names"),
+                "{point}: the half-made directory was not removed at start"
+            );
+        }
+        // Whatever the crash left that containerd does not know (after a crash inside
+        // Commit: our committed record, whose commit containerd never saw) goes with
+        // containerd's garbage collection: once the image is removed, nothing is left.
+        run_ok(ctd.ctr().args(["image", "rm", "--sync", &base]));
+        let start = Instant::now();
+        loop {
+            let left: Vec<_> = std::fs::read_dir(root.join("snapshots"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{point}: snapshot directories left after containerd's GC: {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drop(node);
+        let out = common::run_json(
+            common::tessera()
+                .args(["node", "gc", "--json", "--root"])
+                .arg(&root),
+        );
+        assert_eq!(out["removed"], 0, "{point}: {out}");
+    }
 }
 
 #[test]

@@ -127,10 +127,16 @@ pub struct NodeDaemon {
 
 impl NodeDaemon {
     pub fn start(root: &Path, socket: &Path, log: &Path) -> NodeDaemon {
-        Self::start_args(root, socket, log, &[])
+        Self::start_args(root, socket, log, &[], &[])
     }
 
-    pub fn start_args(root: &Path, socket: &Path, log: &Path, extra: &[&str]) -> NodeDaemon {
+    pub fn start_args(
+        root: &Path,
+        socket: &Path,
+        log: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> NodeDaemon {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -142,6 +148,7 @@ impl NodeDaemon {
             .arg("--socket")
             .arg(socket)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))

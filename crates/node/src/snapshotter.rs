@@ -418,6 +418,7 @@ impl Node {
                 std::fs::create_dir_all(d.join("work"))
                     .map_err(io(format!("creating {}", d.display())))?;
             }
+            crash_point("prepare");
             let now = meta::now();
             tx.put(
                 key,
@@ -721,6 +722,7 @@ impl Node {
                 },
             )
         })?;
+        crash_point("commit");
         // The work directory of an active overlay is not needed any more.
         let _ = std::fs::remove_dir_all(self.dir(self.stat(name)?.record.id).join("work"));
         Ok(())
@@ -825,6 +827,21 @@ impl Node {
             self.drop_lazy(id);
         }
         self.publisher_done.store(true, Ordering::SeqCst);
+    }
+}
+
+/// For the crash tests: `TESSERA_NODE_CRASH_AT=prepare` (a directory made, its record
+/// not committed) or `commit` (the record committed, the work directory still there)
+/// aborts the daemon at that point, as a `kill -9` there would.
+fn crash_point(name: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("TESSERA_NODE_CRASH_AT").ok())
+        .as_deref()
+        == Some(name)
+    {
+        tracing::error!(point = name, "TESSERA_NODE_CRASH_AT: aborting here");
+        std::process::abort();
     }
 }
 
