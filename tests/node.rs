@@ -476,6 +476,57 @@ fn a_registry_gone_mid_start_fails_the_container_cleanly_and_hangs_nothing() {
     assert!(start.elapsed() < Duration::from_secs(10));
 }
 
+#[test]
+fn a_file_held_open_across_a_daemon_restart_opens_again() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let a = TesseraServe::start_args(&["--convert-on-push"]);
+    push(&a.addr, "debian-python", "lib/python:3");
+    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
+    let root = work.path().join("node");
+    let socket = work.path().join("tessera.sock");
+    let log = work.path().join("node.log");
+    let mut node = NodeDaemon::start(&root, &socket, &log);
+    let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
+    let python = format!("{}/lib/python:3", a.addr);
+    ctd.pull(&python);
+    // The interpreter (several MB) is read once, so it is sealed; a long-running
+    // python then holds it open with passthrough (the kernel keeps that inode's backing
+    // file). After the restart a new python opens the same inode again: the new daemon
+    // must answer with the same backing file, or the kernel fails the open.
+    let script = "p=$(readlink -f /usr/bin/python3); cat $p > /dev/null; sleep 3; \
+        python3 -c 'import time; time.sleep(15)' & sleep 1; echo READY; sleep 6; \
+        python3 -c 'print(6*7)'; wait";
+    let mut ctr = ctd
+        .run_cmd(&python, "held", script)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(ctr.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "READY\n");
+    node.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let node = NodeDaemon::start(&root, &socket, &log);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = ctr.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut ctr.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        status.success() && rest == "42\n",
+        "{status}: {rest:?} {err}"
+    );
+    assert!(
+        node.log()
+            .contains("open files of the previous daemon taken over"),
+        "{}",
+        node.log()
+    );
+}
+
 /// containerd's ctr pull, retried while the daemon is not reachable yet (containerd's
 /// client backs off after a crash).
 fn pull_until_ok(ctd: &Containerd, image: &str) {

@@ -129,13 +129,29 @@ pub struct ImageFs {
 }
 
 /// Open files, for FUSE passthrough's rule of one mode per inode at a time.
+///
+/// The kernel holds the same table: a daemon that takes a mount over from a dead one
+/// (see [`conn`]) must know which files are open and in which mode, or its answers to
+/// further opens of them fail (EIO). So every open and release is appended to a log
+/// beside the mount (`o FH ENTRY BACKING_ID`, `r FH`; backing id 0: through the
+/// daemon), which the next daemon replays ([`ImageFs::open_log`]).
 #[derive(Default)]
 struct Opens {
     next_fh: u64,
-    /// File handle → (inode entry, the backing file it was opened with).
-    handles: HashMap<u64, (u32, Option<Arc<BackingId>>)>,
+    /// File handle → (inode entry, whether it was passed through).
+    handles: HashMap<u64, (u32, bool)>,
     by_entry: HashMap<u32, EntryOpens>,
+    log: Option<OpensLog>,
 }
+
+struct OpensLog {
+    path: PathBuf,
+    file: std::fs::File,
+    lines: u64,
+}
+
+/// Lines after which the log is rewritten from the table.
+const OPENS_LOG_COMPACT: u64 = 1 << 16;
 
 #[derive(Default)]
 struct EntryOpens {
@@ -143,7 +159,59 @@ struct EntryOpens {
     cached: u32,
     /// Opens passed through to `backing` (the same one for every open of the inode).
     passthrough: u32,
-    backing: Option<Arc<BackingId>>,
+    /// The backing file and its id on the connection.
+    backing: Option<(Arc<BackingId>, u32)>,
+    /// The backing id a daemon before this one opened the inode with (still registered
+    /// on the connection: that daemon never closed it), until this one wraps it.
+    adopted: Option<u32>,
+}
+
+impl Opens {
+    fn record(&mut self, line: std::fmt::Arguments<'_>) {
+        let Some(log) = &mut self.log else { return };
+        if let Err(e) = writeln!(log.file, "{line}") {
+            tracing::warn!(path = %log.path.display(), error = %e, "cannot log an open file; a daemon taking this mount over may fail opens of it");
+            self.log = None;
+            return;
+        }
+        log.lines += 1;
+        if log.lines >= OPENS_LOG_COMPACT {
+            self.compact();
+        }
+    }
+
+    /// Rewrite the log as the table stands (a temp file renamed over it).
+    fn compact(&mut self) {
+        let Some(log) = &self.log else { return };
+        let path = log.path.clone();
+        let mut text = String::new();
+        let mut fhs: Vec<_> = self.handles.iter().collect();
+        fhs.sort();
+        for (fh, (i, pt)) in fhs {
+            let id = match (pt, self.by_entry.get(i)) {
+                (true, Some(st)) => st.backing.as_ref().map(|b| b.1).or(st.adopted).unwrap_or(0),
+                _ => 0,
+            };
+            text.push_str(&format!("o {fh} {i} {id}\n"));
+        }
+        let tmp = path.with_extension("tmp");
+        let r = std::fs::write(&tmp, &text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| std::fs::OpenOptions::new().append(true).open(&path));
+        match r {
+            Ok(file) => {
+                self.log = Some(OpensLog {
+                    path,
+                    file,
+                    lines: self.handles.len() as u64,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot rewrite the open-files log");
+                self.log = None;
+            }
+        }
+    }
 }
 
 /// Default smallest file opened with passthrough: smaller ones are a read or two.
@@ -360,14 +428,31 @@ impl ImageFs {
         opens.next_fh += 1;
         let fh = opens.next_fh;
         let st = opens.by_entry.entry(i as u32).or_default();
+        // A backing file a daemon before this one opened the inode with (its opens are
+        // still live): every further open must use the same one.
+        if st.backing.is_none() && st.passthrough > 0 {
+            if let Some(id) = st.adopted {
+                // SAFETY: `id` was registered on this connection by the daemon this one
+                // took the mount over from, which died or exited without closing it;
+                // it is owned from here on (closed when the inode's last passthrough
+                // open is released).
+                st.backing = Some((Arc::new(unsafe { reply.wrap_backing(id) }), id));
+            }
+        }
         // An inode open with a backing file takes every further open the same way (the
         // kernel fails any other with EIO), whatever happened to passthrough since.
-        if st.backing.is_some() || sealed.is_some() && st.cached == 0 {
+        let through = st.passthrough > 0;
+        if st.backing.is_some() || through || sealed.is_some() && st.cached == 0 {
             let backing = match (&st.backing, sealed) {
                 (Some(b), _) => Some(b.clone()),
                 (None, None) => None,
                 (None, Some(f)) => match reply.open_backing(&f) {
-                    Ok(b) => Some(Arc::new(b)),
+                    Ok(b) => {
+                        let id = b.into_raw();
+                        // SAFETY: the id was just registered on this connection, and
+                        // into_raw gave up the only owner of it.
+                        Some((Arc::new(unsafe { reply.wrap_backing(id) }), id))
+                    }
                     Err(e) => {
                         // E.g. a store on a stacked filesystem: not again.
                         tracing::warn!(error = %e, "the kernel refused a passthrough file; every read goes through the daemon from now on");
@@ -376,10 +461,11 @@ impl ImageFs {
                     }
                 },
             };
-            if let Some(b) = backing {
-                st.backing = Some(b.clone());
+            if let Some((b, id)) = backing {
+                st.backing = Some((b.clone(), id));
                 st.passthrough += 1;
-                opens.handles.insert(fh, (i as u32, Some(b.clone())));
+                opens.handles.insert(fh, (i as u32, true));
+                opens.record(format_args!("o {fh} {i} {id}"));
                 self.fetcher
                     .stats
                     .passthrough_opens
@@ -388,23 +474,26 @@ impl ImageFs {
             }
         }
         st.cached += 1;
-        opens.handles.insert(fh, (i as u32, None));
+        opens.handles.insert(fh, (i as u32, false));
+        opens.record(format_args!("o {fh} {i} 0"));
         // Verified, immutable data: let the kernel keep its page cache across opens.
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn release_file(&self, fh: u64) {
         let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((i, backing)) = opens.handles.remove(&fh) else {
+        let Some((i, through)) = opens.handles.remove(&fh) else {
             return;
         };
+        opens.record(format_args!("r {fh}"));
         let Some(st) = opens.by_entry.get_mut(&i) else {
             return;
         };
-        if backing.is_some() {
+        if through {
             st.passthrough = st.passthrough.saturating_sub(1);
             if st.passthrough == 0 {
                 st.backing = None;
+                st.adopted = None;
             }
         } else {
             st.cached = st.cached.saturating_sub(1);
@@ -418,6 +507,76 @@ impl ImageFs {
         if st.cached == 0 && st.passthrough == 0 {
             opens.by_entry.remove(&i);
         }
+    }
+
+    /// Log this mount's open files to `path` (see [`Opens`]). With `adopted`, the mount
+    /// was served by a daemon before this one: its log is read first, and the files it
+    /// says are open are open in the kernel, in the mode it says.
+    pub fn open_log(&self, path: &Path, adopted: bool) -> std::io::Result<()> {
+        let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
+        if adopted {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(e),
+            };
+            let mut max_fh = 0;
+            for line in text.lines() {
+                let f: Vec<&str> = line.split(' ').collect();
+                match f[..] {
+                    ["o", fh, i, id] => {
+                        let (Ok(fh), Ok(i), Ok(id)) =
+                            (fh.parse::<u64>(), i.parse::<u32>(), id.parse::<u32>())
+                        else {
+                            continue;
+                        };
+                        max_fh = max_fh.max(fh);
+                        opens.handles.insert(fh, (i, id != 0));
+                        let st = opens.by_entry.entry(i).or_default();
+                        if id != 0 {
+                            st.passthrough += 1;
+                            st.adopted = Some(id);
+                        } else {
+                            st.cached += 1;
+                        }
+                    }
+                    ["r", fh] => {
+                        let Ok(fh) = fh.parse::<u64>() else { continue };
+                        if let Some((i, through)) = opens.handles.remove(&fh) {
+                            if let Some(st) = opens.by_entry.get_mut(&i) {
+                                if through {
+                                    st.passthrough = st.passthrough.saturating_sub(1);
+                                    if st.passthrough == 0 {
+                                        st.adopted = None;
+                                    }
+                                } else {
+                                    st.cached = st.cached.saturating_sub(1);
+                                }
+                                if st.cached == 0 && st.passthrough == 0 {
+                                    opens.by_entry.remove(&i);
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            opens.next_fh = opens.next_fh.max(max_fh + 1);
+            tracing::info!(
+                open_files = opens.handles.len(),
+                "open files of the previous daemon taken over"
+            );
+        }
+        std::fs::write(path, b"")?;
+        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        opens.log = Some(OpensLog {
+            path: path.to_path_buf(),
+            file,
+            lines: 0,
+        });
+        // The table as it stands (empty for a fresh mount).
+        opens.compact();
+        Ok(())
     }
 
     /// Set the kernel's readahead (bytes, a multiple of the page size).

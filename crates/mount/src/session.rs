@@ -275,6 +275,9 @@ pub struct Handover {
     pub adopt: Option<FuseConn>,
     /// Called once the mount is served, with its connection (to keep a copy of it).
     pub keep: Option<KeepConn>,
+    /// Where the mount logs its open files (for a daemon that takes it over; with
+    /// `adopt`, the log of the daemon before is read first).
+    pub opens_log: Option<PathBuf>,
 }
 
 /// [`start`], taking over a mount or handing its connection to a keeper.
@@ -331,6 +334,11 @@ pub fn start_with(
     };
     fs.set_kernel_readahead(kernel_readahead.min(u32::MAX as u64) as u32);
     fs.set_passthrough((!o.no_passthrough).then_some(o.passthrough_min));
+    if let Some(p) = &handover.opens_log {
+        if let Err(e) = fs.open_log(p, handover.adopt.is_some()) {
+            tracing::warn!(path = %p.display(), error = %e, "cannot keep the open-files log; a daemon taking this mount over may fail opens of files open now");
+        }
+    }
     if let Some(p) = &o.record_profile {
         // One profile per mount: the second image's goes to FILE.1, and so on.
         let p = if n == 0 {
@@ -428,7 +436,7 @@ pub fn start_with(
         .name(format!("tessera-mount-{n}"))
         .spawn(move || {
             let tx = ready_tx.clone();
-            let Handover { adopt, keep } = handover;
+            let Handover { adopt, keep, .. } = handover;
             let r = crate::serve(
                 fs,
                 &d2,

@@ -638,7 +638,11 @@ impl Node {
                 }
             }) as session::KeepConn
         });
-        let handover = session::Handover { adopt, keep };
+        let handover = session::Handover {
+            adopt,
+            keep,
+            opens_log: Some(self.dir(id).join("opens.log")),
+        };
         let (job, session) =
             session::start_with(twin, &dir, id as usize, &self.spec, &self.store, handover)
                 .map_err(|e| NodeError::Mount(e.to_string()))?;
