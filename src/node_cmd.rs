@@ -190,9 +190,15 @@ fn run(o: &NodeOpts) -> Result<i32> {
     };
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let program = std::env::current_exe().context("finding this program's path")?;
-    let keeper = Keeper::connect(&root, &program)
-        .context("connecting to the mount keeper (it holds the lazy mounts across restarts)")?;
-    let node = open(&root, Some(store_opts), &reg, spec, Some(Arc::new(keeper)))?;
+    // Without a keeper the node still works; its lazy mounts then end with it.
+    let keeper = match Keeper::connect(&root, &program) {
+        Ok(k) => Some(Arc::new(k)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no mount keeper: lazy mounts (and the containers on them) will not survive a restart of this daemon");
+            None
+        }
+    };
+    let node = open(&root, Some(store_opts), &reg, spec, keeper)?;
     node.resume()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -33,6 +33,10 @@ pub struct FuseConn {
     pub fd: OwnedFd,
     pub init: Vec<u8>,
     pub dev: u64,
+    /// Whether the kernel can resend what a dead daemon read but did not answer (Linux
+    /// 6.9+, probed when the connection is made). Without it, a reader waiting when the
+    /// daemon died waits forever, unkillably: such a connection must not be kept.
+    pub resumable: bool,
 }
 
 impl FuseConn {
@@ -42,6 +46,7 @@ impl FuseConn {
             fd: self.fd.try_clone()?,
             init: self.init.clone(),
             dev: self.dev,
+            resumable: self.resumable,
         })
     }
 }
@@ -83,11 +88,12 @@ pub(crate) fn read_init(dev: &OwnedFd) -> std::io::Result<Vec<u8>> {
 }
 
 /// Start fuser's session on `conn`'s connection. With `fresh`, the kernel still waits
-/// for the answer to `conn.init`; otherwise a daemon before this one answered it, and
-/// requests that daemon read but never answered are queued again.
+/// for the answer to `conn.init` (and `conn.resumable` is found out); otherwise a daemon
+/// before this one answered it, and requests that daemon read but never answered are
+/// queued again.
 pub(crate) fn session<FS: fuser::Filesystem>(
     fs: FS,
-    conn: &FuseConn,
+    conn: &mut FuseConn,
     fresh: bool,
     acl: fuser::SessionACL,
     config: fuser::Config,
@@ -120,24 +126,24 @@ pub(crate) fn session<FS: fuser::Filesystem>(
     rustix::io::dup3(conn.fd.as_fd(), &mut target, rustix::io::DupFlags::CLOEXEC)?;
     if fresh {
         rustix::io::write(&conn.fd, &reply)?;
-    } else {
-        resend(&conn.fd);
+        // Nothing was read yet, so nothing is resent: this only asks whether the
+        // kernel knows the notification.
+        conn.resumable = resend(&conn.fd).is_ok();
+        if !conn.resumable {
+            tracing::info!("the kernel cannot resend FUSE requests (Linux 6.9+ can): this mount ends with its daemon");
+        }
+    } else if let Err(e) = resend(&conn.fd) {
+        tracing::warn!(error = %e, "the kernel refused to resend unanswered FUSE requests: readers that were waiting when the last daemon died stay blocked");
     }
     Ok(session)
 }
 
 /// Ask the kernel to queue again what a dead daemon read but never answered.
-fn resend(dev: &OwnedFd) {
+fn resend(dev: &OwnedFd) -> rustix::io::Result<usize> {
     let mut msg = [0u8; 16];
     msg[0..4].copy_from_slice(&16u32.to_le_bytes());
     msg[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_le_bytes());
-    match rustix::io::write(dev, &msg) {
-        Ok(_) => tracing::debug!("asked the kernel to resend unanswered FUSE requests"),
-        Err(e) => tracing::warn!(
-            error = %e,
-            "the kernel cannot resend FUSE requests (Linux 6.9+ can): readers that were waiting when the last daemon died stay blocked"
-        ),
-    }
+    rustix::io::write(dev, &msg)
 }
 
 #[cfg(test)]

@@ -1292,7 +1292,15 @@ pub fn serve(
         None => {
             let (fd, dev) = mount_fuse(&fuse_dir, access).map_err(err)?;
             match conn::read_init(&fd) {
-                Ok(init) => (FuseConn { fd, init, dev }, true),
+                Ok(init) => (
+                    FuseConn {
+                        fd,
+                        init,
+                        dev,
+                        resumable: false,
+                    },
+                    true,
+                ),
                 Err(e) => {
                     unmount_if_ours(&fuse_dir, dev);
                     return Err(err(e));
@@ -1301,7 +1309,8 @@ pub fn serve(
         }
     };
     let dev = conn.dev;
-    let session = match conn::session(fs, &conn, fresh, acl, config) {
+    let mut conn = conn;
+    let session = match conn::session(fs, &mut conn, fresh, acl, config) {
         Ok(s) => s,
         Err(e) => {
             if fresh {

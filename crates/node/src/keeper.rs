@@ -64,6 +64,9 @@ struct Reply {
     init: Vec<u8>,
     #[serde(default)]
     names: Vec<String>,
+    /// With `ok: false`: the keeper holds nothing under that name (not an error).
+    #[serde(default)]
+    missing: bool,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
@@ -160,6 +163,10 @@ pub fn run(root: &Path) -> Result<(), NodeError> {
     .map_err(errno("creating the keeper's socket"))?;
     let addr = SocketAddrUnix::new(&path).map_err(errno(format!("{}", path.display())))?;
     rustix::net::bind(&listener, &addr).map_err(errno(format!("binding {}", path.display())))?;
+    // Whoever reaches the socket could take a FUSE connection and serve containers'
+    // root filesystems: root only.
+    rustix::fs::chmod(&path, rustix::fs::Mode::from_raw_mode(0o600))
+        .map_err(errno(format!("chmod {}", path.display())))?;
     rustix::net::listen(&listener, 16).map_err(errno("listening on the keeper's socket"))?;
     tracing::info!(socket = %path.display(), "keeper up");
     let started = Instant::now();
@@ -269,7 +276,15 @@ fn answer(
                 return (fail(format!("keep {name}: {e}")), None);
             }
             tracing::info!(%name, dev, "holding a mount's connection");
-            held.insert(name, FuseConn { fd, init, dev });
+            held.insert(
+                name,
+                FuseConn {
+                    fd,
+                    init,
+                    dev,
+                    resumable: true,
+                },
+            );
             (
                 Reply {
                     ok: true,
@@ -289,7 +304,13 @@ fn answer(
                 Some(c.fd),
             ),
             Some(Err(e)) => (fail(format!("take {name}: {e}")), None),
-            None => (fail(format!("{name}: not held")), None),
+            None => (
+                Reply {
+                    missing: true,
+                    ..fail(format!("{name}: not held"))
+                },
+                None,
+            ),
         },
         Request::Forget { name } => {
             held.remove(&name);
@@ -345,6 +366,14 @@ impl Keeper {
         )?;
         let addr = SocketAddrUnix::new(socket_path(&self.root))?;
         rustix::net::connect(&s, &addr)?;
+        // A keeper that stopped answering must not hang the daemon (a snapshots call,
+        // or its stop): every exchange has a deadline.
+        for t in [
+            rustix::net::sockopt::Timeout::Recv,
+            rustix::net::sockopt::Timeout::Send,
+        ] {
+            rustix::net::sockopt::set_socket_timeout(&s, t, Some(Duration::from_secs(10)))?;
+        }
         Ok(s)
     }
 
@@ -471,11 +500,18 @@ impl Keeper {
             },
             None,
         )?;
+        if !r.ok && !r.missing {
+            return Err(NodeError::Mount(format!(
+                "the keeper cannot hand over {name}: {}",
+                r.error.unwrap_or_default()
+            )));
+        }
         match (r.ok, fd) {
             (true, Some(fd)) => Ok(Some(FuseConn {
                 fd,
                 init: r.init,
                 dev: r.dev,
+                resumable: true,
             })),
             _ => Ok(None),
         }

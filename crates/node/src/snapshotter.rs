@@ -58,7 +58,7 @@ pub struct Node {
     /// Serializes materializations (a layer download may take a while; other calls go on).
     materializing: Mutex<()>,
     /// Lazy mounts being served, by snapshot id.
-    lazy: Mutex<HashMap<u64, Arc<Job>>>,
+    lazy: Arc<Mutex<HashMap<u64, Arc<Job>>>>,
     jobs: Jobs,
     publisher_done: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
@@ -106,7 +106,7 @@ impl Node {
             spec,
             lock: Mutex::new(()),
             materializing: Mutex::new(()),
-            lazy: Mutex::new(HashMap::new()),
+            lazy: Arc::default(),
             jobs,
             publisher_done,
             metrics,
@@ -600,15 +600,23 @@ impl Node {
         // is still the one at `dir`.
         let adopt = match &self.keeper {
             Some(k) => match k.take(&name) {
-                Ok(Some(c)) if tessera_mount::mount_dev(&dir) == Some(c.dev) => Some(c),
+                Ok(Some(c))
+                    if tessera_mount::mount_dev(&dir) == Some(c.dev) && connection_alive(&c.fd) =>
+                {
+                    Some(c)
+                }
                 Ok(Some(_)) => {
                     let _ = k.forget(&name);
                     None
                 }
                 Ok(None) => None,
+                // Not "not held": the keeper may hold it, and a running container may
+                // be waiting on it. Mounting anew would cut the container off: fail this
+                // call instead (a later use, or the resume thread, tries again).
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot ask the keeper for a mount; mounting anew");
-                    None
+                    return Err(NodeError::Mount(format!(
+                        "cannot ask the keeper for the mount of snapshot {id}: {e}"
+                    )))
                 }
             },
             None => None,
@@ -633,6 +641,12 @@ impl Node {
         let keep = self.keeper.clone().map(|k| {
             let name = name.clone();
             Box::new(move |c: &tessera_mount::FuseConn| {
+                if !c.resumable {
+                    // Kept, a reader waiting when the daemon dies would wait forever
+                    // (and could not be killed); unkept, it gets an error.
+                    tracing::warn!(%name, "the kernel cannot resend FUSE requests (Linux 6.9+): this mount is not kept and ends with this daemon");
+                    return;
+                }
                 if let Err(e) = k.keep(&name, c) {
                     tracing::warn!(%name, error = %e, "the keeper cannot hold this mount: it ends with this daemon");
                 }
@@ -658,6 +672,7 @@ impl Node {
         let store = self.store.clone();
         let jobs = self.jobs.clone();
         let metrics = self.metrics.clone();
+        let lazy_map = self.lazy.clone();
         std::thread::Builder::new()
             .name("tessera-node-reap".into())
             .spawn(move || {
@@ -667,6 +682,13 @@ impl Node {
                 jobs.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .retain(|j| !Arc::ptr_eq(j, &job));
+                // A mount that ended by itself (its connection aborted) is not served:
+                // the next use mounts it again instead of handing out its directory.
+                let mut lazy = lazy_map.lock().unwrap_or_else(|e| e.into_inner());
+                if lazy.get(&id).is_some_and(|j| Arc::ptr_eq(j, &job)) {
+                    lazy.remove(&id);
+                }
+                drop(lazy);
                 metrics.lazy_mounts.dec();
             })
             .map_err(io("starting a mount's reaper"))?;
@@ -689,6 +711,12 @@ impl Node {
             if let Err(e) = tessera_mount::unmount(&job.dir) {
                 tracing::warn!(dir = %job.dir.display(), error = %e, "cannot unmount a lazy snapshot; detaching it");
                 let _ = rustix::mount::unmount(&job.dir, rustix::mount::UnmountFlags::DETACH);
+            }
+        } else {
+            // Not served (a failed start): whatever is mounted there has nobody behind it.
+            let dir = self.dir(id).join("lazy");
+            if is_mountpoint(&dir) {
+                let _ = rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::DETACH);
             }
         }
     }
@@ -864,6 +892,22 @@ fn join(dirs: &[PathBuf]) -> String {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// Whether a FUSE connection is still up (an aborted or unmounted one reports an error).
+fn connection_alive(fd: &std::os::fd::OwnedFd) -> bool {
+    use rustix::event::{PollFd, PollFlags};
+    let mut fds = [PollFd::new(fd, PollFlags::empty())];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match rustix::event::poll(&mut fds, Some(&zero)) {
+        Ok(_) => !fds[0]
+            .revents()
+            .intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL),
+        Err(_) => false,
+    }
 }
 
 fn is_mountpoint(dir: &Path) -> bool {
