@@ -149,8 +149,23 @@ pub fn run(root: &Path) -> Result<(), NodeError> {
         .open(&lock_path)
         .map_err(io(format!("opening {}", lock_path.display())))?;
     if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-        tracing::info!(root = %root.display(), "another keeper holds this root's connections");
-        return Ok(());
+        // Another keeper: a live one answers on the socket (then this one is not
+        // needed); one that is exiting (it holds nothing) lets go of the lock soon.
+        if rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .ok()
+        .zip(SocketAddrUnix::new(socket_path(root)).ok())
+        .is_some_and(|(s, a)| rustix::net::connect(&s, &a).is_ok())
+        {
+            tracing::info!(root = %root.display(), "another keeper holds this root's connections");
+            return Ok(());
+        }
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(errno(format!("locking {}", lock_path.display())))?;
     }
     let path = socket_path(root);
     let _ = std::fs::remove_file(&path);
@@ -181,16 +196,11 @@ pub fn run(root: &Path) -> Result<(), NodeError> {
             break;
         }
         let names: Vec<String> = held.keys().cloned().collect();
-        let (listen_ev, client_ev, held_ev) = {
-            let mut fds = Vec::with_capacity(1 + clients.len() + held.len());
+        let (listen_ev, client_ev) = {
+            let mut fds = Vec::with_capacity(1 + clients.len());
             fds.push(PollFd::new(&listener, PollFlags::IN));
             for c in &clients {
                 fds.push(PollFd::new(c, PollFlags::IN));
-            }
-            // No events asked of a FUSE device: only its errors (the connection ended)
-            // are reported, and requests waiting on it are not the keeper's to read.
-            for c in held.values() {
-                fds.push(PollFd::new(&c.fd, PollFlags::empty()));
             }
             let timeout = rustix::event::Timespec {
                 tv_sec: 1,
@@ -201,11 +211,25 @@ pub fn run(root: &Path) -> Result<(), NodeError> {
                 Err(e) => return Err(errno("waiting on the keeper's descriptors")(e)),
             }
             let ev: Vec<PollFlags> = fds.iter().map(|f| f.revents()).collect();
-            (
-                ev[0],
-                ev[1..1 + clients.len()].to_vec(),
-                ev[1 + clients.len()..].to_vec(),
-            )
+            (ev[0], ev[1..].to_vec())
+        };
+        // The FUSE devices are looked at without waiting on them (a wait would be woken
+        // by every request the kernel queues on them). No events are asked: only
+        // errors (the connection ended) are reported, and requests waiting on a device
+        // are not the keeper's to read.
+        let held_ev: Vec<PollFlags> = {
+            let mut fds: Vec<PollFd<'_>> = held
+                .values()
+                .map(|c| PollFd::new(&c.fd, PollFlags::empty()))
+                .collect();
+            let zero = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            match rustix::event::poll(&mut fds, Some(&zero)) {
+                Ok(_) => fds.iter().map(|f| f.revents()).collect(),
+                Err(_) => vec![PollFlags::empty(); held.len()],
+            }
         };
         for (name, ev) in names.iter().zip(held_ev) {
             if ev.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {

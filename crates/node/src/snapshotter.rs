@@ -124,8 +124,27 @@ impl Node {
     /// One that cannot be served now (its registry is down, say) is tried again every
     /// few seconds in the background: a container may be waiting on its mount.
     pub fn resume(self: &Arc<Self>) -> Result<(), NodeError> {
+        let records = self.meta.all()?;
+        // Connections the keeper holds for snapshots that are gone (a crash between a
+        // removal's record and its unmount) go.
+        if let Some(k) = &self.keeper {
+            let live: HashSet<String> = records
+                .iter()
+                .filter(|(_, r)| matches!(r.source, Source::Lazy { .. }))
+                .map(|(_, r)| keeper_name(r.id))
+                .collect();
+            match k.list() {
+                Ok(held) => {
+                    for name in held.iter().filter(|n| !live.contains(*n)) {
+                        tracing::info!(%name, "the keeper held a mount of a snapshot that is gone; letting it go");
+                        let _ = k.forget(name);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list the keeper's mounts"),
+            }
+        }
         let mut failed = Vec::new();
-        for (key, rec) in self.meta.all()? {
+        for (key, rec) in records {
             if let Source::Lazy { twin, .. } = &rec.source {
                 if let Err(e) = self.ensure_lazy(rec.id, twin) {
                     tracing::warn!(%key, %twin, error = %e, "cannot serve a lazy snapshot again; retrying in the background");
@@ -814,6 +833,9 @@ impl Node {
                 continue;
             }
             let lazy = e.path().join("lazy");
+            if let Some(k) = &self.keeper {
+                let _ = k.forget(&keeper_name(id));
+            }
             if is_mountpoint(&lazy) {
                 let _ = rustix::mount::unmount(&lazy, rustix::mount::UnmountFlags::DETACH);
             }
