@@ -18,22 +18,15 @@ fn containerd_runs_plain_images_lazily_from_their_twins_and_exactly_when_they_sh
     require_root();
     let work = tempfile::tempdir().unwrap();
     // Registry A makes twins of what is pushed; registry B is plain (no twins).
-    let a = TesseraServe::start_args(&["--convert-on-push"]);
+    let (_registry, python) = twin_registry();
     let b = TesseraServe::start();
-    push(&a.addr, "debian-python", "lib/python:3");
-    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
     push(&b.addr, "debian-base", "lib/base:1");
     push(&b.addr, "app-pandas-a", "app/pandas:a");
 
-    let node = NodeDaemon::start(
-        &work.path().join("node"),
-        &work.path().join("tessera.sock"),
-        &work.path().join("node.log"),
-    );
+    let node = NodeDaemon::start_in(work.path());
     let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
 
     // A plain image with a twin: containerd downloads no layer, the root is lazy.
-    let python = format!("{}/lib/python:3", a.addr);
     ctd.pull(&python);
     let content = ctd.content();
     let layers = layer_digests("debian-python");
@@ -107,11 +100,7 @@ fn containerd_runs_plain_images_lazily_from_their_twins_and_exactly_when_they_sh
 fn the_snapshots_api_keeps_containerds_semantics() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let node = NodeDaemon::start(
-        &work.path().join("node"),
-        &work.path().join("tessera.sock"),
-        &work.path().join("node.log"),
-    );
+    let node = NodeDaemon::start_in(work.path());
     let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
     let sn = |args: &[&str]| -> String {
         run_ok(
@@ -222,15 +211,12 @@ fn the_snapshots_api_keeps_containerds_semantics() {
 fn a_killed_node_daemon_comes_back_with_its_lazy_images_and_clears_debris() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let a = TesseraServe::start_args(&["--convert-on-push"]);
-    push(&a.addr, "debian-python", "lib/python:3");
-    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
+    let (_registry, python) = twin_registry();
     let root = work.path().join("node");
     let socket = work.path().join("tessera.sock");
     let log = work.path().join("node.log");
     let mut node = NodeDaemon::start(&root, &socket, &log);
     let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
-    let python = format!("{}/lib/python:3", a.addr);
     ctd.pull(&python);
     assert_eq!(ctd.run(&python, "one", "python3 -c 'print(1)'"), "1\n");
     // Killed as a crash would: its lazy mount is dead, debris of a half-made snapshot
@@ -282,15 +268,12 @@ fn a_killed_node_daemon_comes_back_with_its_lazy_images_and_clears_debris() {
 fn a_running_container_keeps_reading_through_a_killed_and_restarted_node_daemon() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let a = TesseraServe::start_args(&["--convert-on-push"]);
-    push(&a.addr, "debian-python", "lib/python:3");
-    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
+    let (_registry, python) = twin_registry();
     let root = work.path().join("node");
     let socket = work.path().join("tessera.sock");
     let log = work.path().join("node.log");
     let mut node = NodeDaemon::start(&root, &socket, &log);
     let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
-    let python = format!("{}/lib/python:3", a.addr);
     ctd.pull(&python);
     // The container reads files it has not read before, one after another: each open
     // and read goes to the daemon, so the kill lands between and inside them.
@@ -384,14 +367,8 @@ fn a_running_container_keeps_reading_through_a_killed_and_restarted_node_daemon(
 fn docker_28_runs_a_plain_image_lazily_from_its_twin_with_tessera_as_its_snapshotter() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let a = TesseraServe::start_args(&["--convert-on-push"]);
-    push(&a.addr, "debian-python", "lib/python:3");
-    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
-    let node = NodeDaemon::start(
-        &work.path().join("node"),
-        &work.path().join("tessera.sock"),
-        &work.path().join("node.log"),
-    );
+    let (_registry, python) = twin_registry();
+    let node = NodeDaemon::start_in(work.path());
     let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
     // Docker's containerd image store with tessera as the snapshotter, on that
     // containerd (its proxy plugin reaches the node daemon).
@@ -406,7 +383,6 @@ fn docker_28_runs_a_plain_image_lazily_from_its_twin_with_tessera_as_its_snapsho
         dk.ok(&["info", "--format", "{{.Driver}}"]).trim(),
         "tessera"
     );
-    let python = format!("{}/lib/python:3", a.addr);
     dk.ok(&["pull", "-q", &python]);
     // No layer was downloaded into containerd's store (Docker's namespace is moby).
     let content = run_ok(ctd.ctr().args(["-n", "moby", "content", "ls", "-q"]));
@@ -435,18 +411,9 @@ fn docker_28_runs_a_plain_image_lazily_from_its_twin_with_tessera_as_its_snapsho
 fn a_registry_gone_mid_start_fails_the_container_cleanly_and_hangs_nothing() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let a = TesseraServe::start_args(&["--convert-on-push"]);
-    push(&a.addr, "debian-python", "lib/python:3");
-    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
-    let node = NodeDaemon::start_args(
-        &work.path().join("node"),
-        &work.path().join("tessera.sock"),
-        &work.path().join("node.log"),
-        &["--fetch-timeout", "3"],
-        &[],
-    );
+    let (a, python) = twin_registry();
+    let node = NodeDaemon::start_in_args(work.path(), &["--fetch-timeout", "3"], &[]);
     let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
-    let python = format!("{}/lib/python:3", a.addr);
     // Pulled (lazily: nothing of the tree is on the node yet), then the registry goes.
     ctd.pull(&python);
     drop(a);
@@ -491,15 +458,12 @@ fn a_registry_gone_mid_start_fails_the_container_cleanly_and_hangs_nothing() {
 fn a_file_held_open_across_a_daemon_restart_opens_again() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let a = TesseraServe::start_args(&["--convert-on-push"]);
-    push(&a.addr, "debian-python", "lib/python:3");
-    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
+    let (_registry, python) = twin_registry();
     let root = work.path().join("node");
     let socket = work.path().join("tessera.sock");
     let log = work.path().join("node.log");
     let mut node = NodeDaemon::start(&root, &socket, &log);
     let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
-    let python = format!("{}/lib/python:3", a.addr);
     ctd.pull(&python);
     // The interpreter (several MB) is read once, so it is sealed; a long-running
     // python then holds it open with passthrough (the kernel keeps that inode's backing
@@ -543,18 +507,7 @@ fn a_file_held_open_across_a_daemon_restart_opens_again() {
 fn pull_until_ok(ctd: &Containerd, image: &str) {
     let start = Instant::now();
     loop {
-        let out = ctd
-            .ctr()
-            .args([
-                "image",
-                "pull",
-                "--plain-http",
-                "--snapshotter",
-                "tessera",
-                image,
-            ])
-            .output()
-            .unwrap();
+        let out = ctd.pull_cmd(image).output().unwrap();
         if out.status.success() {
             return;
         }
@@ -591,18 +544,7 @@ fn a_daemon_killed_inside_prepare_or_commit_agrees_with_containerd_after_a_resta
         let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
         let base = format!("{}/lib/base:1", b.addr);
         // The pull's unpack reaches the crash point: the daemon dies mid-call.
-        let out = ctd
-            .ctr()
-            .args([
-                "image",
-                "pull",
-                "--plain-http",
-                "--snapshotter",
-                "tessera",
-                &base,
-            ])
-            .output()
-            .unwrap();
+        let out = ctd.pull_cmd(&base).output().unwrap();
         assert!(
             !out.status.success(),
             "{point}: the pull survived the crash"
@@ -695,11 +637,7 @@ fn a_twin_that_does_not_open_leaves_the_image_to_a_normal_unpack_with_a_log_line
             &subject,
         )
         .unwrap();
-    let node = NodeDaemon::start(
-        &work.path().join("node"),
-        &work.path().join("tessera.sock"),
-        &work.path().join("node.log"),
-    );
+    let node = NodeDaemon::start_in(work.path());
     let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
     let python = format!("{}/lib/python:3", reg.addr);
     ctd.pull(&python);
@@ -801,11 +739,7 @@ fn a_repeated_layer_is_told_apart_by_its_chain_id() {
     wait_for_twin(&a.addr, "rep/x", &x_digest);
     copy("y", &format!("{}/rep/y:1", b.addr));
 
-    let node = NodeDaemon::start(
-        &work.path().join("node"),
-        &work.path().join("tessera.sock"),
-        &work.path().join("node.log"),
-    );
+    let node = NodeDaemon::start_in(work.path());
     let ctd = Containerd::start(&work.path().join("containerd"), &node.socket);
     ctd.pull(&format!("{}/rep/x:1", a.addr));
     assert_eq!(node.metric("tessera_node_lazy_images"), 1.0);

@@ -3,7 +3,7 @@
 //! root filesystem (umoci unpack + the same script under chroot).
 #![allow(dead_code)]
 
-use super::serve::http_client;
+use super::serve::{http_client, TesseraServe};
 use super::{require_tool, run_ok, tessera};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -84,6 +84,16 @@ pub fn layer_digests(tag: &str) -> Vec<String> {
         .collect()
 }
 
+/// A registry that makes twins of what is pushed, holding debian-python as
+/// `lib/python:3` with its twin ready; the reference to pull.
+pub fn twin_registry() -> (TesseraServe, String) {
+    let a = TesseraServe::start_args(&["--convert-on-push"]);
+    push(&a.addr, "debian-python", "lib/python:3");
+    wait_for_twin(&a.addr, "lib/python", &manifest_digest("debian-python"));
+    let python = format!("{}/lib/python:3", a.addr);
+    (a, python)
+}
+
 pub fn wait_for_twin(addr: &str, repo: &str, subject: &str) -> String {
     let url = format!(
         "http://{addr}/v2/{repo}/referrers/{subject}?artifactType=application/vnd.tessera.image.v1"
@@ -128,6 +138,21 @@ pub struct NodeDaemon {
 impl NodeDaemon {
     pub fn start(root: &Path, socket: &Path, log: &Path) -> NodeDaemon {
         Self::start_args(root, socket, log, &[], &[])
+    }
+
+    /// A daemon under `work`: root `node/`, socket `tessera.sock`, log `node.log`.
+    pub fn start_in(work: &Path) -> NodeDaemon {
+        Self::start_in_args(work, &[], &[])
+    }
+
+    pub fn start_in_args(work: &Path, extra: &[&str], env: &[(&str, &str)]) -> NodeDaemon {
+        Self::start_args(
+            &work.join("node"),
+            &work.join("tessera.sock"),
+            &work.join("node.log"),
+            extra,
+            env,
+        )
     }
 
     pub fn start_args(
@@ -402,14 +427,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
     }
 
     pub fn pull(&self, image: &str) -> String {
-        run_ok(self.ctr().args([
+        run_ok(&mut self.pull_cmd(image))
+    }
+
+    /// `ctr image pull` of `image` with the tessera snapshotter.
+    pub fn pull_cmd(&self, image: &str) -> Command {
+        let mut c = self.ctr();
+        c.args([
             "image",
             "pull",
             "--plain-http",
             "--snapshotter",
             "tessera",
             image,
-        ]))
+        ]);
+        c
     }
 
     pub fn content(&self) -> String {
