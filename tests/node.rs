@@ -188,7 +188,9 @@ fn the_snapshots_api_keeps_containerds_semantics() {
     }
     assert!(sn(&["ls"]).lines().count() <= 1);
     // containerd removes backend snapshots in its garbage collection, soon after: then
-    // nothing of them is left on disk.
+    // nothing of them is left on disk. (containerd spaces its collections so that they
+    // take at most 2% of the time: on a loaded machine the next one can be a minute
+    // away.)
     let start = Instant::now();
     loop {
         let left: Vec<_> = std::fs::read_dir(node.root.join("snapshots"))
@@ -200,7 +202,7 @@ fn the_snapshots_api_keeps_containerds_semantics() {
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(30),
+            start.elapsed() < Duration::from_secs(120),
             "snapshot directories left: {left:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
