@@ -9,9 +9,74 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn tessera() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    tessera_in(None)
+}
+
+/// `tessera` run in the network namespace `netns` (only the network: its mounts are
+/// everybody's), or in this one.
+pub fn tessera_in(netns: Option<&str>) -> Command {
+    let bin = env!("CARGO_BIN_EXE_tessera");
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
     c.arg("--no-progress");
     c
+}
+
+/// A network namespace of a test's own, with its loopback up; deleted on drop.
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    /// `name` is deleted first if an interrupted run left it.
+    pub fn create(name: &str) -> TestNetns {
+        require_root();
+        require_tool("ip", "iproute2");
+        require_tool("nsenter", "util-linux");
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let ns = TestNetns { name: name.into() };
+        ns.ip(&["netns", "add", name]);
+        ns.ip(&["-n", name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Shapes the namespace's loopback with tbf (`rate`, `burst`), or removes the shaping.
+    pub fn shape_loopback(&self, shape: Option<(&str, &str)>) {
+        let n = self.name.as_str();
+        match shape {
+            Some((rate, burst)) => self.ip(&[
+                "netns", "exec", n, "tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate",
+                rate, "burst", burst, "latency", "100ms",
+            ]),
+            None => self.ip(&[
+                "netns", "exec", n, "tc", "qdisc", "del", "dev", "lo", "root",
+            ]),
+        }
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }
 
 pub fn sha(data: &[u8]) -> String {

@@ -95,10 +95,15 @@ impl TesseraServe {
 
     /// Start on an existing storage root (e.g. to restart after a crash).
     pub fn start_in(root: &Path, extra_args: &[&str]) -> TesseraServe {
+        Self::start_in_netns(root, extra_args, None)
+    }
+
+    /// [`TesseraServe::start_in`], listening on the loopback of network namespace `netns`.
+    pub fn start_in_netns(root: &Path, extra_args: &[&str], netns: Option<&str>) -> TesseraServe {
         let log = tempfile::tempdir().unwrap();
         let stderr_path = log.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut cmd = super::tessera();
+        let mut cmd = super::tessera_in(netns);
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--root"])
             .arg(root)

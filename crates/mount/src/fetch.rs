@@ -17,7 +17,7 @@
 //!   through to the kernel.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tessera_format::pack::decode_chunk;
@@ -58,9 +58,9 @@ pub struct FetchOptions {
     /// registry (not from the node store) also waits for a fast link.
     pub amplify: u64,
     pub amplify_min_rate: f64,
-    /// The registry's speed, as measured when the index was downloaded (bytes/s): the
-    /// mount's one bandwidth sample (range requests for small chunks measure latency).
-    /// None: unknown, treated as slow.
+    /// The registry's speed as first known (bytes/s): the index download when the index
+    /// is at least [`LINK_SAMPLE`] bytes, else None (unknown, treated as slow until a busy
+    /// period of range requests carries a sample).
     pub link_rate: Option<f64>,
 }
 
@@ -135,43 +135,83 @@ pub enum Failure {
 
 type Outcome = Result<Arc<[u8]>, Failure>;
 
+/// What [`Fetcher::on_link_change`] calls with the new verdict (true: fast).
+pub type LinkHook = Box<dyn Fn(bool) + Send + Sync>;
+
 #[derive(Default)]
 struct Flight {
     result: Mutex<Option<Outcome>>,
     done: Condvar,
 }
 
-/// Goodput of the registry link: bytes received over the time at least one range request
-/// was in flight (so parallel requests and idle gaps do not skew it).
+/// Bytes one busy period must carry before its rate says anything about the link. A
+/// token-bucket shaper lets its burst through at line rate, so a shorter sample measures
+/// the burst: with a 1 MB burst, a 0.5 MB index made a 12 MB/s link look like 44–202 MB/s.
+/// 4 MiB past a 1 MB burst on a 12.5 MB/s link measure 17 MB/s (slow, as it is); a longer
+/// burst still fools the first sample, but the rate is measured again with every request
+/// of the period and falls as the period runs past the burst.
+pub const LINK_SAMPLE: u64 = 4 << 20;
+
+/// Idle time between two requests that still counts as one busy period (the time counts
+/// as busy): a reader that waits for each chunk before asking for the next leaves such
+/// gaps, and a shaper refills little of its burst in them. A longer gap starts a new
+/// sample (and may have refilled the burst).
+const LINK_GAP: Duration = Duration::from_millis(10);
+
+/// Goodput of the registry link, measured from the range requests themselves: bytes
+/// received over the time at least one request was in flight (so parallel requests and
+/// idle gaps do not skew it), both in all (reported) and per busy period (the verdict).
 #[derive(Default)]
 struct LinkMeter {
     in_flight: u32,
     busy_since: Option<Instant>,
     busy: Duration,
     bytes: u64,
+    /// The current busy period: its start, its bytes, and when its last request ended.
+    period_start: Option<Instant>,
+    period_bytes: u64,
+    last_end: Option<Instant>,
 }
 
 impl LinkMeter {
-    fn start(&mut self) {
+    fn start(&mut self, now: Instant) {
         if self.in_flight == 0 {
-            self.busy_since = Some(Instant::now());
+            self.busy_since = Some(now);
+            let joined = self
+                .last_end
+                .is_some_and(|e| now.saturating_duration_since(e) <= LINK_GAP);
+            if !joined || self.period_start.is_none() {
+                self.period_start = Some(now);
+                self.period_bytes = 0;
+            }
         }
         self.in_flight += 1;
     }
 
-    fn end(&mut self, bytes: u64) {
+    /// A request ended with `bytes`; the current busy period's rate once it has carried
+    /// [`LINK_SAMPLE`] bytes (a verdict on the link), None before.
+    fn end(&mut self, bytes: u64, now: Instant) -> Option<f64> {
         self.bytes += bytes;
+        self.period_bytes += bytes;
         self.in_flight = self.in_flight.saturating_sub(1);
         if self.in_flight == 0 {
             if let Some(t) = self.busy_since.take() {
-                self.busy += t.elapsed();
+                self.busy += now.saturating_duration_since(t);
             }
+            self.last_end = Some(now);
         }
+        let period = now.saturating_duration_since(self.period_start?);
+        (self.period_bytes >= LINK_SAMPLE)
+            .then(|| self.period_bytes as f64 / period.as_secs_f64().max(1e-6))
     }
 
-    /// Bytes/s, once at least 1 MiB was received.
-    fn rate(&self) -> Option<f64> {
-        let busy = self.busy + self.busy_since.map(|t| t.elapsed()).unwrap_or_default();
+    /// Bytes/s over all busy time, once at least 1 MiB was received (reported only).
+    fn rate(&self, now: Instant) -> Option<f64> {
+        let busy = self.busy
+            + self
+                .busy_since
+                .map(|t| now.saturating_duration_since(t))
+                .unwrap_or_default();
         (self.bytes >= 1 << 20).then(|| self.bytes as f64 / busy.as_secs_f64().max(1e-6))
     }
 }
@@ -219,15 +259,19 @@ pub struct Fetcher {
     pack_pos: Vec<u32>,
     queue: Mutex<Queue>,
     queued: Condvar,
-    /// How fast the registry delivers while it is busy with our requests (reported).
+    /// How fast the registry delivers while it is busy with our requests.
     link: Mutex<LinkMeter>,
+    /// The link's verdict: fast (`amplify_min_rate` or more over the latest sample).
+    link_fast: AtomicBool,
+    /// Told of each change of the verdict (the mount sets the kernel's readahead).
+    on_link: Mutex<Option<LinkHook>>,
     /// Workers between taking a job and finishing it.
     busy: std::sync::atomic::AtomicUsize,
     seals: Mutex<SealQueue>,
     sealing: Condvar,
     /// The registry ignores `Range` (it answered a range request with the whole blob):
     /// packs are then fetched whole, once each, into the node store.
-    whole_packs: std::sync::atomic::AtomicBool,
+    whole_packs: AtomicBool,
     /// Per pack, held while it is fetched whole; true once it was.
     pack_loads: Mutex<HashMap<u32, Arc<Mutex<bool>>>>,
     pub stats: FetchStats,
@@ -273,6 +317,7 @@ impl Fetcher {
         opts: FetchOptions,
     ) -> Arc<Fetcher> {
         let workers = opts.workers;
+        let fast = opts.link_rate.is_some_and(|r| r >= opts.amplify_min_rate);
         let (tx, rx) = std::sync::mpsc::channel::<u32>();
         let mut pack_order: Vec<u32> = (0..image.index.chunks.len() as u32).collect();
         pack_order.sort_by_key(|&c| {
@@ -299,9 +344,11 @@ impl Fetcher {
             queued: Condvar::new(),
             busy: std::sync::atomic::AtomicUsize::new(0),
             link: Mutex::new(LinkMeter::default()),
+            link_fast: AtomicBool::new(fast),
+            on_link: Mutex::new(None),
             seals: Mutex::new(SealQueue::default()),
             sealing: Condvar::new(),
-            whole_packs: std::sync::atomic::AtomicBool::new(false),
+            whole_packs: AtomicBool::new(false),
             pack_loads: Mutex::new(HashMap::new()),
             stats: FetchStats::default(),
         });
@@ -589,6 +636,7 @@ impl Fetcher {
         v["chunks_being_cached"] = pending.into();
         v["idle"] = (queued == 0 && flights == 0 && pending == 0).into();
         v["link_bytes_per_s"] = (self.link_rate().unwrap_or(0.0) as u64).into();
+        v["link_fast"] = self.link_is_fast().into();
         v
     }
 
@@ -703,14 +751,35 @@ impl Fetcher {
     /// Chunks that follow `missing` in their packs, up to `amplify` bytes after each,
     /// that nobody has, is caching or is fetching — claimed for this caller.
     /// Whether range requests have been running at `amplify_min_rate` or more.
-    fn link_is_fast(&self) -> bool {
-        self.opts
-            .link_rate
-            .is_some_and(|r| r >= self.opts.amplify_min_rate)
+    pub fn link_is_fast(&self) -> bool {
+        self.link_fast.load(Ordering::Relaxed)
     }
 
     fn link_rate(&self) -> Option<f64> {
-        self.link.lock().unwrap_or_else(|e| e.into_inner()).rate()
+        self.link
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rate(Instant::now())
+    }
+
+    /// Calls `hook` with every later change of the link verdict ([`Fetcher::link_is_fast`]).
+    /// `hook` is called once now, with the verdict as it is; calls are serialized and each
+    /// passes the verdict as it is at the call, so the last call has the latest.
+    pub fn on_link_change(&self, hook: LinkHook) {
+        let mut h = self.on_link.lock().unwrap_or_else(|e| e.into_inner());
+        hook(self.link_is_fast());
+        *h = Some(hook);
+    }
+
+    /// A busy period's rate sample: the verdict follows it.
+    fn link_sample(&self, rate: f64) {
+        let fast = rate >= self.opts.amplify_min_rate;
+        if self.link_fast.swap(fast, Ordering::Relaxed) != fast {
+            tracing::info!(image = %self.image.manifest_desc.digest, bytes_per_s = rate as u64, fast, "registry link measured past its bursts: {}", if fast { "fast (readahead and neighbouring chunks on)" } else { "slow (only what readers ask for)" });
+            if let Some(hook) = &*self.on_link.lock().unwrap_or_else(|e| e.into_inner()) {
+                hook(self.link_is_fast());
+            }
+        }
     }
 
     fn amplify(&self, missing: &[u32]) -> Vec<u32> {
@@ -984,13 +1053,23 @@ impl Fetcher {
         let got = self.retrying(
             &|| format!("pack {digest} bytes {offset}+{len}"),
             &mut || {
-                self.link.lock().unwrap_or_else(|e| e.into_inner()).start();
+                self.link
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .start(Instant::now());
                 let got = self.source.read_range_or_whole(&digest, offset, len, size);
                 let n = match &got {
                     Ok(RangeRead::Range(b)) => b.len() as u64,
                     _ => 0,
                 };
-                self.link.lock().unwrap_or_else(|e| e.into_inner()).end(n);
+                let sample = self
+                    .link
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .end(n, Instant::now());
+                if let Some(rate) = sample {
+                    self.link_sample(rate);
+                }
                 got
             },
         )?;
@@ -1123,5 +1202,98 @@ impl Fetcher {
         }
         *done = true;
         Ok(got)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1_000_000;
+
+    /// A token-bucket link: `burst` bytes at `line` bytes/s, then `rate` bytes/s; one
+    /// request at a time of `request` bytes. Returns the verdicts the meter gave.
+    fn shaped(burst: u64, line: f64, rate: f64, request: u64, total: u64) -> Vec<f64> {
+        let mut m = LinkMeter::default();
+        let t0 = Instant::now();
+        let (mut t, mut sent, mut samples) = (0.0f64, 0u64, Vec::new());
+        while sent < total {
+            m.start(t0 + Duration::from_secs_f64(t));
+            let fast = request.min(burst.saturating_sub(sent));
+            t += fast as f64 / line + (request - fast) as f64 / rate + 0.0005;
+            sent += request;
+            if let Some(r) = m.end(request, t0 + Duration::from_secs_f64(t)) {
+                samples.push(r);
+            }
+        }
+        samples
+    }
+
+    #[test]
+    fn a_burst_does_not_make_a_slow_link_fast() {
+        // 100 Mbit/s behind a 1 MB burst delivered at 1 GB/s, the index's 0.5 MB first.
+        let s = shaped(MB, 1e9, 12.5e6, 64 << 10, 20 * MB);
+        assert!(!s.is_empty(), "no verdict after 20 MB");
+        assert!(
+            s.iter().all(|&r| r < 32e6),
+            "slow link taken for fast: {s:?}"
+        );
+        // The same link without a burst, and a fast link.
+        assert!(shaped(0, 1e9, 12.5e6, 64 << 10, 8 * MB)
+            .iter()
+            .all(|&r| r < 32e6));
+        let fast = shaped(0, 1e9, 500e6, 256 << 10, 8 * MB);
+        assert!(
+            !fast.is_empty() && fast.iter().all(|&r| r > 32e6),
+            "{fast:?}"
+        );
+    }
+
+    #[test]
+    fn a_long_burst_fools_the_first_sample_only() {
+        // 6 MB at line rate, then 12.5 MB/s: the period's rate falls below the threshold.
+        let s = shaped(6 * MB, 1e9, 12.5e6, 256 << 10, 40 * MB);
+        assert!(s[0] > 32e6, "{s:?}");
+        assert!(*s.last().unwrap() < 32e6, "{s:?}");
+    }
+
+    #[test]
+    fn idle_gaps_start_a_new_sample() {
+        let mut m = LinkMeter::default();
+        let t0 = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        // 3 MiB in one period, then idle: no verdict (the sample is too small).
+        m.start(t0);
+        assert_eq!(m.end(3 << 20, t0 + ms(10)), None);
+        // A second period of 3 MiB, a second later, does not add to the first.
+        m.start(t0 + ms(1000));
+        assert_eq!(m.end(3 << 20, t0 + ms(1010)), None);
+        // Overlapping requests count once in time.
+        let t1 = t0 + ms(2000);
+        m.start(t1);
+        m.start(t1);
+        assert_eq!(m.end(2 << 20, t1 + ms(100)), None);
+        let r = m.end(2 << 20, t1 + ms(200)).unwrap();
+        assert!((r - (4 << 20) as f64 / 0.2).abs() < 1.0, "{r}");
+        // The reported rate spans every period: 10 MiB over 0.22 s.
+        let all = m.rate(t1 + ms(5000)).unwrap();
+        assert!((all - (10 << 20) as f64 / 0.22).abs() < 10.0, "{all}");
+    }
+
+    #[test]
+    fn a_reader_waiting_for_each_chunk_makes_one_sample() {
+        // One request at a time, 1 ms apart: one period, its gaps counted as busy.
+        let mut m = LinkMeter::default();
+        let t0 = Instant::now();
+        let mut t = t0;
+        let mut last = None;
+        for _ in 0..64 {
+            m.start(t);
+            t += Duration::from_millis(1);
+            last = m.end(64 << 10, t);
+            t += Duration::from_millis(1);
+        }
+        let r = last.expect("4 MiB in one period is a sample");
+        assert!((r - (4 << 20) as f64 / 0.127).abs() < 1e3, "{r}");
     }
 }

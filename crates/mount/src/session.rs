@@ -16,6 +16,42 @@ use crate::fetch::{FetchOptions, Fetcher};
 use crate::store::{MountInfo, NodeStore};
 use crate::{Access, FuseConn, ImageFs, MountError, Writable};
 
+/// The kernel's readahead of a mount (`--kernel-readahead auto`) while the registry link is
+/// slow or not yet measured, and once it is measured fast.
+pub const KERNEL_READAHEAD_SLOW: u64 = 16 << 10;
+pub const KERNEL_READAHEAD_FAST: u64 = 128 << 10;
+
+/// Sets the kernel's readahead for files opened from now on on the FUSE mount with device
+/// number `dev`: its bdi's `read_ahead_kb` (the kernel takes the window from the bdi when
+/// a file is opened; the INIT reply only sets its first value).
+pub fn set_kernel_readahead(dev: u64, bytes: u64) -> std::io::Result<()> {
+    let p = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    std::fs::write(&p, format!("{}", bytes >> 10))
+}
+
+/// The mount's kernel readahead follows the fetcher's link verdict from now on.
+fn follow_link_readahead(fetcher: &Fetcher, dev: u64) {
+    let set = move |fast: bool| {
+        let bytes = if fast {
+            KERNEL_READAHEAD_FAST
+        } else {
+            KERNEL_READAHEAD_SLOW
+        };
+        match set_kernel_readahead(dev, bytes) {
+            Ok(()) => tracing::debug!(dev, kernel_readahead = bytes, "kernel readahead set"),
+            Err(e) => {
+                tracing::warn!(dev, error = %e, "cannot set the mount's kernel readahead; it stays as it was")
+            }
+        }
+    };
+    // Called at once too: the verdict may have changed since the INIT reply.
+    fetcher.on_link_change(Box::new(set));
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("opening {reference}: {source}")]
@@ -313,7 +349,8 @@ pub fn start_with(
         Some(took) => {
             let rate = img.index_desc.size as f64 / took.as_secs_f64().max(1e-6);
             tracing::info!(image = %reference, index_bytes = img.index_desc.size, bytes_per_s = rate as u64, "index fetched");
-            if img.index_desc.size >= 64 << 10 {
+            // A smaller sample measures a shaper's burst, not the link (LINK_SAMPLE).
+            if img.index_desc.size >= crate::fetch::LINK_SAMPLE {
                 fetch.link_rate = Some(rate);
             }
         }
@@ -327,11 +364,16 @@ pub fn start_with(
     // Until the mount is up, an error stops the fetcher's threads (a daemon lives on).
     let guard = CloseOnError(Some(fetcher.clone()));
     let mut fs = ImageFs::new(fetcher.clone(), img.clone(), o.readahead);
+    // `auto`: 16 KiB until the link is known fast, then 128 KiB. A page fault in a mapped
+    // library reads around itself, which on a slow link costs bytes the reader never
+    // uses; on a fast one the larger window saves requests. The verdict can change while
+    // mounted: the kernel's readahead follows it through the mount's bdi.
     let kernel_readahead = match o.kernel_readahead {
         SizeOrAuto::Size(n) => n,
-        SizeOrAuto::Auto if fast_link => 128 << 10,
-        SizeOrAuto::Auto => 16 << 10,
+        SizeOrAuto::Auto if fast_link => KERNEL_READAHEAD_FAST,
+        SizeOrAuto::Auto => KERNEL_READAHEAD_SLOW,
     };
+    let follow_link = matches!(o.kernel_readahead, SizeOrAuto::Auto);
     fs.set_kernel_readahead(kernel_readahead.min(u32::MAX as u64) as u32);
     fs.set_passthrough((!o.no_passthrough).then_some(o.passthrough_min));
     if let Some(p) = &handover.opens_log {
@@ -432,6 +474,7 @@ pub fn start_with(
     let access = o.access;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let (d2, threads) = (dir.to_path_buf(), o.threads);
+    let link_fetcher = fetcher.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("tessera-mount-{n}"))
         .spawn(move || {
@@ -445,6 +488,9 @@ pub fn start_with(
                 access,
                 adopt,
                 move |c| {
+                    if follow_link {
+                        follow_link_readahead(&link_fetcher, c.dev);
+                    }
                     if let Some(keep) = keep {
                         keep(c);
                     }
