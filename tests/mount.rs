@@ -704,30 +704,42 @@ fn node_store_quota_pins_gc_verify_and_shared_tier() {
     b.umount();
     let (st, _) = cache_json("stats", &store, &[]);
     assert!(st["bytes"].as_u64().unwrap() > 20 << 20, "{st}");
-    // A mount with a quota reads a whole image: what the mounted image uses stays, the
-    // rest is evicted least recently used first.
+    // A mount with a quota reads a whole image while one file is held open: least
+    // recently used chunks go, the mounted image's with the rest, so the store stays
+    // near the quota; the open file's chunks are pinned and stay.
     let unpacked = work.path().join("unpacked");
     run_ok(tessera().args(["unpack", &ra]).arg(&unpacked));
     let a = Mounted::start_with(&ra, &work.path().join("a"), &store, &["--quota", "10M"]);
+    let mut held = std::fs::File::open(a.dir.join("usr/bin/perl")).unwrap();
+    let mut perl = Vec::new();
+    held.read_to_end(&mut perl).unwrap();
+    assert!(perl == std::fs::read(unpacked.join("usr/bin/perl")).unwrap());
+    let _ = counters(&store, a.child.id()); // published after the open: the pin has it
     same_tree(&unpacked, &a.dir);
-    let c = counters(&store, a.child.id());
-    let _ = c;
+    let _ = counters(&store, a.child.id());
     let (st, _) = cache_json("stats", &store, &[]);
     assert_eq!(st["mounts"].as_array().unwrap().len(), 1, "{st}");
-    assert!(
-        st["pinned_bytes"].as_u64().unwrap() > 10 << 20,
-        "the mounted image's chunks were evicted: {st}"
+    let (bytes, pinned) = (
+        st["bytes"].as_u64().unwrap(),
+        st["pinned_bytes"].as_u64().unwrap(),
     );
     assert!(
-        st["bytes"].as_u64().unwrap() - st["pinned_bytes"].as_u64().unwrap() < 10 << 20,
-        "unpinned chunks beyond the quota were kept: {st}"
+        bytes < 20 << 20,
+        "a mounted image kept the store at {bytes} bytes, quota 10M: {st}"
     );
-    // gc while mounted removes nothing the mount uses.
+    assert!(
+        pinned >= perl.len() as u64 * 9 / 10 && pinned < 10 << 20,
+        "pinned {pinned} bytes; the open file has {}: {st}",
+        perl.len()
+    );
+    // gc while mounted removes everything but the open file.
     let (g, _) = cache_json("gc", &store, &["--max-size", "0"]);
     assert_eq!(
         g["kept_chunks"], g["pinned_kept"],
         "gc kept unpinned or dropped pinned chunks: {g}"
     );
+    assert!(g["kept_chunks"].as_u64().unwrap() > 0, "{g}");
+    // What was evicted is fetched again.
     assert!(
         std::fs::read(a.dir.join("usr/bin/bash")).unwrap()
             == std::fs::read(unpacked.join("usr/bin/bash")).unwrap()
@@ -759,6 +771,7 @@ fn node_store_quota_pins_gc_verify_and_shared_tier() {
     assert!(!victim.exists());
 
     // Unmounted, nothing is pinned: gc empties the store.
+    drop(held);
     let mut a = a;
     a.umount();
     let (g, code) = cache_json("gc", &store, &["--max-size", "0"]);

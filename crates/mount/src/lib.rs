@@ -125,7 +125,7 @@ pub struct ImageFs {
     passthrough_min: Option<u64>,
     /// Whether the kernel agreed to passthrough (and it has not failed since).
     passthrough_ok: AtomicBool,
-    opens: Mutex<Opens>,
+    opens: Arc<Mutex<Opens>>,
 }
 
 /// Open files, for FUSE passthrough's rule of one mode per inode at a time.
@@ -137,6 +137,8 @@ pub struct ImageFs {
 /// daemon), which the next daemon replays ([`ImageFs::open_log`]).
 #[derive(Default)]
 struct Opens {
+    /// Changes with every open and release (what the mount's pin follows).
+    generation: u64,
     next_fh: u64,
     /// File handle → (inode entry, whether it was passed through).
     handles: HashMap<u64, (u32, bool)>,
@@ -148,6 +150,40 @@ struct OpensLog {
     path: PathBuf,
     file: std::fs::File,
     lines: u64,
+}
+
+/// The files open on a mount ([`ImageFs::open_files`]), read by its pin's publisher.
+#[derive(Clone)]
+pub struct OpenFiles(Arc<Mutex<Opens>>);
+
+impl OpenFiles {
+    /// A number that changes whenever files are opened or released.
+    pub fn generation(&self) -> u64 {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).generation
+    }
+
+    /// The index entries open now (each once), sorted, with the generation they are of.
+    pub fn entries(&self) -> (u64, Vec<u32>) {
+        let o = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<u32> = o.by_entry.keys().copied().collect();
+        v.sort_unstable();
+        (o.generation, v)
+    }
+}
+
+/// What a mount pins in the node store for the open entries `entries` of `index`: each
+/// file's chunk ids and its sealed file's key.
+pub fn pins_of(index: &tessera_format::index::Index, entries: &[u32]) -> Vec<Digest> {
+    let mut ids = Vec::new();
+    for &i in entries {
+        if let Some(Node::File(_, f)) = index.entries.get(i as usize).map(|e| &e.node) {
+            if let Some(list) = fetch::sealed_list(index, f) {
+                ids.extend(list.iter().map(|(id, _)| *id));
+                ids.push(store::file_key(list.iter().map(|(id, _)| id)));
+            }
+        }
+    }
+    ids
 }
 
 /// Lines after which the log is rewritten from the table.
@@ -353,12 +389,12 @@ impl ImageFs {
             passthrough_ok: AtomicBool::new(false),
             // File handles of a daemon before this one (whose connection this one may
             // take over) are still open in the kernel: start past them.
-            opens: Mutex::new(Opens {
+            opens: Arc::new(Mutex::new(Opens {
                 next_fh: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(1 << 40, |d| d.as_nanos() as u64),
                 ..Opens::default()
-            }),
+            })),
         }
     }
 
@@ -387,20 +423,9 @@ impl ImageFs {
         Some(store::file_key(list.iter().map(|(id, _)| id)))
     }
 
-    /// Keys of every file this mount would seal (pinned with the chunks while mounted).
-    pub fn sealed_keys(&self) -> Vec<Digest> {
-        let Some(min) = self.passthrough_min else {
-            return Vec::new();
-        };
-        self.image
-            .index
-            .entries
-            .iter()
-            .filter_map(|e| match &e.node {
-                Node::File(_, f) if f.size >= min => self.key_of(f),
-                _ => None,
-            })
-            .collect()
+    /// The files open on this mount, as they change (what its pin in the node store keeps).
+    pub fn open_files(&self) -> OpenFiles {
+        OpenFiles(self.opens.clone())
     }
 
     /// Answer an open: passthrough to the sealed file when there is one and no open of
@@ -426,6 +451,7 @@ impl ImageFs {
         });
         let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
         opens.next_fh += 1;
+        opens.generation += 1;
         let fh = opens.next_fh;
         let st = opens.by_entry.entry(i as u32).or_default();
         // A backing file a daemon before this one opened the inode with (its opens are
@@ -485,6 +511,7 @@ impl ImageFs {
         let Some((i, through)) = opens.handles.remove(&fh) else {
             return;
         };
+        opens.generation += 1;
         opens.record(format_args!("r {fh}"));
         let Some(st) = opens.by_entry.get_mut(&i) else {
             return;
@@ -562,6 +589,7 @@ impl ImageFs {
                 }
             }
             opens.next_fh = opens.next_fh.max(max_fh + 1);
+            opens.generation += 1;
             tracing::info!(
                 open_files = opens.handles.len(),
                 "open files of the previous daemon taken over"

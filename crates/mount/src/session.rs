@@ -14,7 +14,7 @@ use tessera_oci::{ImageRef, OciError, Store};
 
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::store::{MountInfo, NodeStore};
-use crate::{Access, FuseConn, ImageFs, MountError, Writable};
+use crate::{Access, FuseConn, ImageFs, MountError, OpenFiles, Writable};
 
 /// The kernel's readahead of a mount (`--kernel-readahead auto`) while the registry link is
 /// slow or not yet measured, and once it is measured fast.
@@ -243,6 +243,11 @@ pub struct Job {
     scratch: Option<Writable>,
     /// Set (under the lock) when the pin goes: the counters are not published again.
     finished: Mutex<bool>,
+    /// The pin keeps the chunks of the files open on the mount: these, as last written
+    /// (the generation of [`OpenFiles`] they are of, and the entries).
+    open_files: OpenFiles,
+    pinned: Mutex<(u64, Vec<u32>)>,
+    image: Arc<TesseraImage>,
 }
 
 /// The thread serving a mount's FUSE session; it ends when the mount is unmounted.
@@ -258,6 +263,25 @@ impl Job {
         let mut info = self.info.clone();
         info.counters = self.fetcher.counters_json();
         let _ = store.publish(&self.pin, &info);
+        self.repin(store);
+    }
+
+    /// Rewrite the pin if the set of open files changed since it was last written.
+    fn repin(&self, store: &NodeStore) {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        if self.open_files.generation() == pinned.0 {
+            return;
+        }
+        let (generation, entries) = self.open_files.entries();
+        if entries != pinned.1 {
+            let ids = crate::pins_of(&self.image.index, &entries);
+            if let Err(e) = store.repin(&self.pin, &ids) {
+                tracing::warn!(image = %self.reference, error = %e, "cannot update the mount's pin in the node store; trying again");
+                return;
+            }
+            tracing::debug!(image = %self.reference, open_files = entries.len(), pinned = ids.len(), "pin updated");
+        }
+        *pinned = (generation, entries);
     }
 
     /// Wait until the mount is unmounted, then let go of it: pending chunks and seals
@@ -450,10 +474,11 @@ pub fn start_with(
             (Some(w.clone()), Some(w))
         }
     };
-    // Chunks and the sealed files of this image stay while it is mounted.
-    let mut ids: Vec<_> = img.index.chunks.iter().map(|c| c.id).collect();
-    let chunk_count = ids.len() as u64;
-    ids.extend(fs.sealed_keys());
+    // The pin keeps the chunks and sealed files of the files open on the mount (written
+    // by the publisher as they change); the rest of the image may be evicted like any
+    // chunk, least recently used first, and is fetched again when read.
+    let open_files = fs.open_files();
+    let chunk_count = img.index.chunks.len() as u64;
     let info = MountInfo {
         pid: std::process::id(),
         reference: reference.to_string(),
@@ -462,7 +487,7 @@ pub fn start_with(
         chunks: chunk_count,
         counters: serde_json::Value::Null,
     };
-    let pin = match store.pin(&ids, &info) {
+    let pin = match store.pin(&[], &info) {
         Ok(p) => p,
         Err(e) => {
             if let Some(w) = &scratch {
@@ -511,6 +536,9 @@ pub fn start_with(
         info,
         scratch,
         finished: Default::default(),
+        open_files,
+        pinned: Mutex::new((0, Vec::new())),
+        image: img.clone(),
     });
     let failed = |why: String| SessionError::Failed {
         reference: reference.to_string(),

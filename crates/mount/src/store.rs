@@ -874,6 +874,29 @@ impl NodeStore {
         Ok(base)
     }
 
+    /// Replace what the pin `pin` keeps with `ids` (a mount's open files changed). The
+    /// file is rewritten in place, under the lock it is held by: a reader in between may
+    /// see old and new ids mixed (both were pinned a moment ago; at worst a chunk is
+    /// evicted and fetched again).
+    pub fn repin(&self, pin: &Path, ids: &[Digest]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = Vec::with_capacity(ids.len() * 32);
+        for id in ids {
+            bytes.extend_from_slice(&id.0);
+        }
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(f) = pins.get(pin) else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "no such pin"));
+        };
+        f.write_all_at(&bytes, 0)?;
+        f.set_len(bytes.len() as u64)?;
+        drop(pins);
+        // What the pin let go of may go now: the next write over the quota evicts again.
+        self.state.evict_again_at.store(0, Ordering::Relaxed);
+        self.check_quota();
+        Ok(())
+    }
+
     /// Update what a pinned mount publishes (its counters).
     pub fn publish(&self, pin: &Path, info: &MountInfo) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(info).map_err(io::Error::other)?;
@@ -1583,6 +1606,27 @@ mod tests {
         s.unpin(&pin);
         let r = s.gc(0).unwrap();
         assert_eq!((r.removed_chunks, r.kept_chunks), (3, 0));
+    }
+
+    #[test]
+    fn a_pin_follows_what_is_open() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let ids: Vec<Digest> = (0..4u8).map(|i| put(&s, &[i; 1000])).collect();
+        let pin = s.pin(&ids, &MountInfo::default()).unwrap();
+        // Fewer ids than before: the file shrinks, no old id stays behind.
+        s.repin(&pin, &ids[3..]).unwrap();
+        assert_eq!(s.stats().unwrap().pinned_chunks, 1);
+        let r = s.gc(0).unwrap();
+        assert_eq!((r.removed_chunks, r.pinned_kept), (3, 1));
+        assert!(s.get(&ids[3]).is_some());
+        // Nothing open: nothing pinned, the mount is still listed.
+        s.repin(&pin, &[]).unwrap();
+        let st = s.stats().unwrap();
+        assert_eq!((st.pinned_chunks, st.mounts.len()), (0, 1));
+        assert_eq!(s.gc(0).unwrap().removed_chunks, 1);
+        s.unpin(&pin);
+        assert!(s.repin(&pin, &ids).is_err(), "a pin that is gone came back");
     }
 
     #[test]
