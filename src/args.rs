@@ -50,7 +50,7 @@ pub struct StoreArgs {
     #[arg(long, value_name = "DIR")]
     pub store: Option<PathBuf>,
     /// Keep the node store under SIZE (e.g. 20G), evicting least recently used chunks
-    /// that no mounted image uses.
+    /// that no file open on a mount uses.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub quota: Option<u64>,
     /// A read-only directory with the node store's layout (e.g. on NFS), consulted

@@ -622,7 +622,27 @@ fn run(cli: &Cli) -> Result<i32> {
     }
 }
 
+/// Buffers of 128 KiB to 4 MiB (range reads, chunks, sealed-file writes) come and go all
+/// the time in the mount and node daemons. glibc raises its mmap threshold to the size of
+/// the largest block freed (up to 32 MiB), and from then on such buffers come from its
+/// heap arenas and stay resident: one daemon serving ten images peaked at 354 MiB, and
+/// at 141 MiB with the threshold fixed (`tessera-mount-bench --many 10`). A fixed
+/// threshold keeps them mapped on their own and returned to the kernel when freed. An
+/// explicit `MALLOC_MMAP_THRESHOLD_` in the environment wins.
+fn bound_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt(3) only sets an allocator parameter; M_MMAP_THRESHOLD takes a
+        // size in bytes (128 KiB is glibc's own starting value) and has no other effect.
+        // It runs first thing in main, before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        }
+    }
+}
+
 fn main() {
+    bound_heap();
     let cli = Cli::parse();
     init_logging(&cli);
     match run(&cli) {

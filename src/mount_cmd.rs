@@ -136,18 +136,18 @@ impl MountOpts {
 
 #[derive(Subcommand)]
 pub enum CacheCmd {
-    /// Chunks, bytes, what mounted images pin, and every live mount with its counters.
+    /// Chunks, bytes, what open files on mounts pin, and every live mount with its counters.
     Stats {
         #[command(flatten)]
         store: StoreArgs,
         #[arg(long)]
         json: bool,
     },
-    /// Evict least recently used chunks that no mounted image uses, down to --max-size.
+    /// Evict least recently used chunks that no file open on a mount uses, down to --max-size.
     Gc {
         #[command(flatten)]
         store: StoreArgs,
-        /// Keep at most SIZE (default 0: remove every chunk no mounted image uses).
+        /// Keep at most SIZE (default 0: remove every chunk no file open on a mount uses).
         #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_size)]
         max_size: u64,
         #[arg(long)]
@@ -323,7 +323,7 @@ pub fn cache(cmd: &CacheCmd) -> Result<i32> {
                 outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 outln!(
-                    "removed {} chunk(s) ({}), kept {} ({}), {} of them used by mounted images",
+                    "removed {} chunk(s) ({}), kept {} ({}), {} of them used by files open on mounts",
                     r.removed_chunks,
                     gib(r.removed_bytes),
                     r.kept_chunks,

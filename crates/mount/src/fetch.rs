@@ -26,18 +26,6 @@ use tessera_oci::{OciError, RangeRead, Store};
 
 use crate::store::{file_key, NodeStore, Sealed};
 
-/// Bytes of recently used or read-ahead chunks kept in memory (a FUSE read often covers
-/// part of a chunk the previous read also covered; readahead loads chunks here).
-const MEM_CACHE_BYTES: u64 = 8 << 20;
-
-/// Recently used chunks, oldest first out, bounded in bytes.
-#[derive(Default)]
-struct MemCache {
-    map: HashMap<u32, Arc<[u8]>>,
-    order: VecDeque<u32>,
-    bytes: u64,
-}
-
 /// Fetched chunks waiting for the node store writer, at most.
 const MAX_PENDING_BYTES: u64 = 8 << 20;
 
@@ -58,9 +46,9 @@ pub struct FetchOptions {
     /// registry (not from the node store) also waits for a fast link.
     pub amplify: u64,
     pub amplify_min_rate: f64,
-    /// The registry's speed as first known (bytes/s): the index download when the index
-    /// is at least [`LINK_SAMPLE`] bytes, else None (unknown, treated as slow until a busy
-    /// period of range requests carries a sample).
+    /// The registry's speed as first guessed (bytes/s): the index download (a shaper's
+    /// burst can make it look fast; the range requests correct it, see [`LINK_SAMPLE`]).
+    /// None: unknown, treated as slow until a busy period of requests carries a sample.
     pub link_rate: Option<f64>,
 }
 
@@ -253,7 +241,6 @@ pub struct Fetcher {
     store: Arc<NodeStore>,
     opts: FetchOptions,
     flights: Mutex<HashMap<u32, Arc<Flight>>>,
-    recent: Mutex<MemCache>,
     /// Chunk ids in pack order, and each chunk's position in it (for amplification).
     pack_order: Vec<u32>,
     pack_pos: Vec<u32>,
@@ -337,7 +324,6 @@ impl Fetcher {
             store,
             opts,
             flights: Mutex::new(HashMap::new()),
-            recent: Mutex::new(MemCache::default()),
             pack_order,
             pack_pos,
             queue: Mutex::new(Queue::default()),
@@ -670,10 +656,13 @@ impl Fetcher {
             // reader that is about to want them, skipped otherwise.
             let todo: Vec<u32> = {
                 let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                let mem = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+                let mem = self.store.memory();
                 chunks
                     .into_iter()
-                    .filter(|c| !pending.contains_key(c) && !mem.map.contains_key(c))
+                    .filter(|c| {
+                        !pending.contains_key(c)
+                            && !mem.contains(&self.image.index.chunks[*c as usize].id)
+                    })
                     .collect()
             };
             let lead = if prio == Priority::High {
@@ -727,25 +716,15 @@ impl Fetcher {
     }
 
     fn remember(&self, c: u32, data: &Arc<[u8]>) {
-        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if r.map.insert(c, data.clone()).is_some() {
-            return;
-        }
-        r.order.push_back(c);
-        r.bytes += data.len() as u64;
-        while r.bytes > MEM_CACHE_BYTES {
-            let Some(old) = r.order.pop_front() else {
-                break;
-            };
-            if let Some(d) = r.map.remove(&old) {
-                r.bytes -= d.len() as u64;
-            }
-        }
+        self.store
+            .memory()
+            .put(&self.image.index.chunks[c as usize].id, data);
     }
 
     fn recent(&self, c: u32) -> Option<Arc<[u8]>> {
-        let r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        r.map.get(&c).cloned()
+        self.store
+            .memory()
+            .get(&self.image.index.chunks[c as usize].id)
     }
 
     /// Chunks that follow `missing` in their packs, up to `amplify` bytes after each,
@@ -771,9 +750,19 @@ impl Fetcher {
         *h = Some(hook);
     }
 
-    /// A busy period's rate sample: the verdict follows it.
+    /// A busy period's rate sample: the verdict follows it, with hysteresis. While the
+    /// link counts as slow, requests carry what readers ask for, and their goodput is
+    /// bound by round trips and by this machine's CPU as much as by the link (32 MB/s
+    /// on loopback with two busy cores), so a sample at the threshold turns it fast; a
+    /// fast link turns slow only below three quarters of it (a 100 Mbit/s link behind a
+    /// 1 MB burst measures 16–17 MB/s over 4 MiB).
     fn link_sample(&self, rate: f64) {
-        let fast = rate >= self.opts.amplify_min_rate;
+        let was = self.link_fast.load(Ordering::Relaxed);
+        let fast = if was {
+            rate >= self.opts.amplify_min_rate * 0.75
+        } else {
+            rate >= self.opts.amplify_min_rate
+        };
         if self.link_fast.swap(fast, Ordering::Relaxed) != fast {
             tracing::info!(image = %self.image.manifest_desc.digest, bytes_per_s = rate as u64, fast, "registry link measured past its bursts: {}", if fast { "fast (readahead and neighbouring chunks on)" } else { "slow (only what readers ask for)" });
             if let Some(hook) = &*self.on_link.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -1234,8 +1223,10 @@ mod tests {
         // 100 Mbit/s behind a 1 MB burst delivered at 1 GB/s, the index's 0.5 MB first.
         let s = shaped(MB, 1e9, 12.5e6, 64 << 10, 20 * MB);
         assert!(!s.is_empty(), "no verdict after 20 MB");
+        // Below three quarters of the threshold: a fast first guess (the index came in
+        // the burst) turns slow at the first sample.
         assert!(
-            s.iter().all(|&r| r < 32e6),
+            s.iter().all(|&r| r < 24e6),
             "slow link taken for fast: {s:?}"
         );
         // The same link without a burst, and a fast link.
@@ -1254,7 +1245,7 @@ mod tests {
         // 6 MB at line rate, then 12.5 MB/s: the period's rate falls below the threshold.
         let s = shaped(6 * MB, 1e9, 12.5e6, 256 << 10, 40 * MB);
         assert!(s[0] > 32e6, "{s:?}");
-        assert!(*s.last().unwrap() < 32e6, "{s:?}");
+        assert!(*s.last().unwrap() < 24e6, "{s:?}");
     }
 
     #[test]

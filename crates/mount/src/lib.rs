@@ -27,6 +27,7 @@ pub mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;
 mod index_cache;
+pub mod memory;
 pub mod profile;
 pub mod session;
 pub mod store;

@@ -373,8 +373,9 @@ pub fn start_with(
         Some(took) => {
             let rate = img.index_desc.size as f64 / took.as_secs_f64().max(1e-6);
             tracing::info!(image = %reference, index_bytes = img.index_desc.size, bytes_per_s = rate as u64, "index fetched");
-            // A smaller sample measures a shaper's burst, not the link (LINK_SAMPLE).
-            if img.index_desc.size >= crate::fetch::LINK_SAMPLE {
+            // A first guess: a shaper's burst can carry the whole index at line rate, and
+            // the range requests correct the guess within LINK_SAMPLE bytes.
+            if img.index_desc.size >= 64 << 10 {
                 fetch.link_rate = Some(rate);
             }
         }
@@ -388,10 +389,10 @@ pub fn start_with(
     // Until the mount is up, an error stops the fetcher's threads (a daemon lives on).
     let guard = CloseOnError(Some(fetcher.clone()));
     let mut fs = ImageFs::new(fetcher.clone(), img.clone(), o.readahead);
-    // `auto`: 16 KiB until the link is known fast, then 128 KiB. A page fault in a mapped
-    // library reads around itself, which on a slow link costs bytes the reader never
-    // uses; on a fast one the larger window saves requests. The verdict can change while
-    // mounted: the kernel's readahead follows it through the mount's bdi.
+    // `auto`: 128 KiB while the link counts as fast, 16 KiB while slow. A page fault in a
+    // mapped library reads around itself, which on a slow link costs bytes the reader
+    // never uses; on a fast one the larger window saves requests. The verdict can change
+    // while mounted: the kernel's readahead follows it through the mount's bdi.
     let kernel_readahead = match o.kernel_readahead {
         SizeOrAuto::Size(n) => n,
         SizeOrAuto::Auto if fast_link => KERNEL_READAHEAD_FAST,

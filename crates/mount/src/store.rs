@@ -114,6 +114,8 @@ pub struct NodeStore {
     /// A lock per sealed file being opened: concurrent first opens of one file wait for
     /// one check instead of each hashing it, and a mismatch is counted and removed once.
     checking: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
+    /// Chunks in memory, for every mount of this process.
+    memory: crate::memory::ChunkMemory,
 }
 
 /// What a sealed file was when it was checked: device, inode, size, mtime (s, ns).
@@ -322,6 +324,7 @@ impl NodeStore {
             pins: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
             checking: Mutex::new(HashMap::new()),
+            memory: Default::default(),
         };
         if store.opts.quota.is_some() {
             let chunks: u64 = store.walk()?.iter().map(|c| c.len).sum();
@@ -903,6 +906,11 @@ impl NodeStore {
         write_atomic(&pin.with_extension("json"), &json)
     }
 
+    /// Chunks kept in memory for every mount of this process (verified, by id).
+    pub fn memory(&self) -> &crate::memory::ChunkMemory {
+        &self.memory
+    }
+
     /// Drop a pin (the mount ended): its files go, then its lock.
     pub fn unpin(&self, pin: &Path) {
         // What the pin held may go now: the next write over the quota evicts again.
@@ -1263,6 +1271,8 @@ impl NodeStore {
             pins: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
             checking: Mutex::new(HashMap::new()),
+            // The eviction pass reads no chunk into memory.
+            memory: crate::memory::ChunkMemory::new(0),
         };
         self.state
             .counters

@@ -137,6 +137,14 @@ struct Args {
     /// Skip nydusd in phase 3.
     #[arg(long)]
     skip_nydus: bool,
+    /// Phase 4: this many mounts served by one `tessera mount` process (the corpus images
+    /// in turn), each walked and read (--many-read bytes of its largest files); the
+    /// daemon's peak RSS. 0 skips it.
+    #[arg(long, default_value_t = 10)]
+    many: usize,
+    /// Bytes read from each mount of phase 4 (its largest files first).
+    #[arg(long, default_value_t = 64 << 20)]
+    many_read: u64,
     /// Keep registries, stores and trees in --work afterwards (logs are always kept).
     #[arg(long)]
     keep_work: bool,
@@ -165,6 +173,8 @@ const MOUNT_MS_TARGET: f64 = 50.0;
 const SEQ_TARGET: f64 = 0.80;
 const WALK_TARGET: f64 = 0.50;
 const RSS_BASE_MIB: f64 = 64.0;
+/// Issue 11: daemon RSS with 10 images mounted.
+const MANY_RSS_MIB: f64 = 128.0;
 
 /// Longest wait for a mount to appear.
 const MOUNT_WAIT: Duration = Duration::from_secs(60);
@@ -1463,7 +1473,7 @@ fn main() -> Result<()> {
     } else {
         Some(phase_ttfw(&mut ctx)?)
     };
-    let lo = if ctx.args.skip_cold && ctx.args.skip_warm {
+    let lo = if ctx.args.skip_cold && ctx.args.skip_warm && ctx.args.many == 0 {
         None
     } else {
         Some(loopback_phases(&mut ctx)?)
@@ -1528,6 +1538,135 @@ struct Loopback {
     image_bytes: u64,
     cold: Option<Cold>,
     warm: Option<Warm>,
+    many: Option<Many>,
+}
+
+/// Phase 4's result.
+struct Many {
+    images: Vec<String>,
+    /// Indexes of the mounted images, bytes in all.
+    index_bytes: u64,
+    entries: u64,
+    read_bytes: u64,
+    rss_kb: u64,
+    seconds: f64,
+}
+
+/// The tags of the corpus layout, in index.json order.
+fn layout_tags(layout: &Path) -> Result<Vec<String>> {
+    let index = read_json(&layout.join("index.json"))?;
+    Ok(index["manifests"]
+        .as_array()
+        .context("index.json manifests")?
+        .iter()
+        .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
+        .map(str::to_string)
+        .collect())
+}
+
+/// Phase 4: `--many` mounts served by one `tessera mount` process (the corpus images in
+/// turn, each converted to the loopback registry; an empty node store), each walked and
+/// read like a workload (its largest files first, `--many-read` bytes); then the
+/// daemon's peak RSS.
+fn phase_many(ctx: &mut Ctx, addr: &str) -> Result<Many> {
+    let n = ctx.args.many;
+    let tags = layout_tags(&ctx.layout)?;
+    ensure!(!tags.is_empty(), "no tags in the corpus layout");
+    let images: Vec<String> = (0..n).map(|i| tags[i % tags.len()].clone()).collect();
+    let mut index_bytes = 0;
+    for tag in tags.iter().take(n) {
+        run_ok(
+            Command::new(&ctx.tessera)
+                .arg("--no-progress")
+                .arg("convert")
+                .arg("--cache-dir")
+                .arg(ctx.work.join("convert-cache"))
+                .arg(format!("oci:{}:{tag}", ctx.layout.display()))
+                .arg(format!("{addr}/many/{tag}:tessera")),
+            CMD_WAIT,
+        )?;
+    }
+    for tag in &images {
+        index_bytes += index_size(addr, &format!("many/{tag}"), "tessera")?.0;
+    }
+    let dirs: Vec<PathBuf> = (0..n).map(|i| ctx.work.join(format!("many/{i}"))).collect();
+    let mut cmd = Command::new(&ctx.tessera);
+    cmd.arg("--no-progress").arg("-v").arg("mount");
+    for (tag, d) in images.iter().zip(&dirs) {
+        std::fs::create_dir_all(d)?;
+        cmd.arg(format!("{addr}/many/{tag}:tessera")).arg(d);
+    }
+    cmd.arg("--store")
+        .arg(ctx.work.join("many-store"))
+        .arg("--threads")
+        .arg(ctx.args.fuse_threads.to_string())
+        .args(&ctx.args.mount_args);
+    let t0 = Instant::now();
+    let mut proc = Proc::spawn(
+        "tessera mount (many)",
+        &mut cmd,
+        &ctx.log("many-mount.log"),
+        true,
+    )?;
+    // Detached on every path out (the daemon is killed by Proc's Drop).
+    struct Detach<'a>(&'a [PathBuf]);
+    impl Drop for Detach<'_> {
+        fn drop(&mut self) {
+            for d in self.0 {
+                if mounted_fstype(d).is_some() {
+                    lazy_umount(d);
+                }
+            }
+        }
+    }
+    let _detach = Detach(&dirs);
+    for _ in 0..n {
+        proc.wait_line("mounted ", MOUNT_WAIT)?;
+    }
+    let (mut entries, mut read_bytes) = (0, 0);
+    for d in &dirs {
+        let tree = walk(d)?;
+        entries += tree.entries;
+        let mut files = tree.files;
+        files.sort_by_key(|f| std::cmp::Reverse(f.1));
+        let mut sum = 0;
+        let files: Vec<_> = files
+            .into_iter()
+            .take_while(|(_, len)| {
+                let take = sum < ctx.args.many_read;
+                sum += len;
+                take
+            })
+            .collect();
+        read_bytes += read_all(Arc::new(files), ctx.args.read_threads)?;
+    }
+    let rss_kb = proc.hwm_kb()?;
+    let seconds = t0.elapsed().as_secs_f64();
+    for d in &dirs {
+        run_ok(
+            Command::new(&ctx.tessera).arg("umount").arg(d),
+            Duration::from_secs(60),
+        )?;
+    }
+    let st = proc.wait_exit(EXIT_WAIT)?;
+    if !st.success() {
+        ctx.warn(Some(format!(
+            "tessera mount (many) exited with {st} after its mounts were unmounted"
+        )));
+    }
+    eprintln!(
+        "[many] {n} mounts in one process: {entries} entries walked, {:.1} MB read, peak RSS {:.1} MiB ({seconds:.1} s)",
+        read_bytes as f64 / 1e6,
+        rss_kb as f64 / 1024.0
+    );
+    Ok(Many {
+        images,
+        index_bytes,
+        entries,
+        read_bytes,
+        rss_kb,
+        seconds,
+    })
 }
 
 /// Phases 3 and 2 against a `tessera serve` on loopback (3 first: it fills the node store
@@ -1605,6 +1744,11 @@ fn loopback_phases(ctx: &mut Ctx) -> Result<Loopback> {
     } else {
         Some(phase_warm(ctx, &addr, &native, cold.is_some())?)
     };
+    let many = if ctx.args.many == 0 {
+        None
+    } else {
+        Some(phase_many(ctx, &addr)?)
+    };
     let st = lo_reg.terminate(EXIT_WAIT)?;
     if !st.success() {
         ctx.warn(Some(format!(
@@ -1617,6 +1761,7 @@ fn loopback_phases(ctx: &mut Ctx) -> Result<Loopback> {
         image_bytes,
         cold,
         warm,
+        many,
     })
 }
 
@@ -1847,6 +1992,26 @@ fn report(
                     Err(e) => json!({"error": e}),
                 },
             }),
+        );
+    }
+    if let Some(m) = &lo.many {
+        let mib = m.rss_kb as f64 / 1024.0;
+        let mut distinct = m.images.clone();
+        distinct.sort();
+        distinct.dedup();
+        table.push_str(&format!(
+            "| daemon peak RSS (VmHWM) with {} images mounted in one process ({} distinct corpus images, {:.1} MB of indexes), each walked ({} entries in all) and read ({:.0} MB in all, largest files first), empty store, loopback | {mib:.1} MiB | nydusd not run (one daemon per image) | | ≤ {MANY_RSS_MIB:.0} MiB {} |\n",
+            m.images.len(),
+            distinct.len(),
+            m.index_bytes as f64 / 1e6,
+            m.entries,
+            m.read_bytes as f64 / 1e6,
+            mark(mib <= MANY_RSS_MIB)
+        ));
+        summary.insert(
+            "many".into(),
+            json!({"images": m.images, "index_bytes": m.index_bytes, "entries": m.entries,
+                   "read_bytes": m.read_bytes, "peak_rss_kb": m.rss_kb, "seconds": m.seconds}),
         );
     }
     if let Some((rel, _)) = &native.tree.largest {
