@@ -49,8 +49,9 @@ pub struct StoreArgs {
     /// as root, else $XDG_CACHE_HOME/tessera/chunks].
     #[arg(long, value_name = "DIR")]
     pub store: Option<PathBuf>,
-    /// Keep the node store under SIZE (e.g. 20G), evicting least recently used chunks
-    /// that no file open on a mount uses.
+    /// Keep the node store under SIZE (e.g. 20G), evicting least recently used chunks:
+    /// first those no mounted image uses, then those of mounted images' files that are
+    /// not open (fetched again when read); never those of open files.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub quota: Option<u64>,
     /// A read-only directory with the node store's layout (e.g. on NFS), consulted

@@ -626,15 +626,19 @@ fn run(cli: &Cli) -> Result<i32> {
 /// the time in the mount and node daemons. glibc raises its mmap threshold to the size of
 /// the largest block freed (up to 32 MiB), and from then on such buffers come from its
 /// heap arenas and stay resident: one daemon serving ten images peaked at 354 MiB, and
-/// at 141 MiB with the threshold fixed (`tessera-mount-bench --many 10`). A fixed
-/// threshold keeps them mapped on their own and returned to the kernel when freed. An
-/// explicit `MALLOC_MMAP_THRESHOLD_` in the environment wins.
+/// at 141 MiB with the threshold fixed (`tessera-mount-bench --many 10`); its cold full
+/// read took the same time either way. A fixed threshold keeps them mapped on their own
+/// and returned to the kernel when freed. Only the daemons (`mount`, `mountd`, `node`);
+/// an explicit `MALLOC_MMAP_THRESHOLD_` or `GLIBC_TUNABLES` in the environment wins.
 fn bound_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none()
+        && std::env::var_os("GLIBC_TUNABLES").is_none()
+    {
         // SAFETY: mallopt(3) only sets an allocator parameter; M_MMAP_THRESHOLD takes a
         // size in bytes (128 KiB is glibc's own starting value) and has no other effect.
-        // It runs first thing in main, before any other thread exists.
+        // It runs right after argument parsing in main, before this process starts any
+        // other thread.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
         }
@@ -642,8 +646,10 @@ fn bound_heap() {
 }
 
 fn main() {
-    bound_heap();
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Mount(_) | Cmd::Mountd(_) | Cmd::Node(_)) {
+        bound_heap();
+    }
     init_logging(&cli);
     match run(&cli) {
         Ok(code) => std::process::exit(code),

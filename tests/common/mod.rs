@@ -39,6 +39,7 @@ impl TestNetns {
         require_root();
         require_tool("ip", "iproute2");
         require_tool("nsenter", "util-linux");
+        require_tool("tc", "iproute2");
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         let ns = TestNetns { name: name.into() };
         ns.ip(&["netns", "add", name]);

@@ -140,47 +140,68 @@ struct Flight {
 /// of the period and falls as the period runs past the burst.
 pub const LINK_SAMPLE: u64 = 4 << 20;
 
-/// Idle time between two requests that still counts as one busy period (the time counts
-/// as busy): a reader that waits for each chunk before asking for the next leaves such
-/// gaps, and a shaper refills little of its burst in them. A longer gap starts a new
-/// sample (and may have refilled the burst).
+/// Idle time between two requests that still counts as one busy period: a reader that
+/// waits for each chunk before asking for the next leaves such gaps, and a shaper refills
+/// little of its burst in them. A longer gap starts a new sample (and may have refilled
+/// the burst).
 const LINK_GAP: Duration = Duration::from_millis(10);
 
-/// Goodput of the registry link, measured from the range requests themselves: bytes
-/// received over the time at least one request was in flight (so parallel requests and
-/// idle gaps do not skew it), both in all (reported) and per busy period (the verdict).
+/// Requests of at most this many bytes estimate the round trip (their transfer time is
+/// small against it).
+const LINK_SMALL: u64 = 32 << 10;
+
+/// One range request in flight: when it started, and how many were in flight with it.
+#[derive(Clone, Copy)]
+struct InFlight {
+    at: Instant,
+    with: u32,
+}
+
+/// The registry link's bandwidth, measured from the range requests themselves.
+///
+/// A request's time is a round trip plus its transfer, and its transfer shares the link
+/// with the requests in flight beside it. So each request counts for `(duration - rtt)
+/// / concurrency` of transfer time, where `rtt` is the shortest time of a small request
+/// seen (0 until one is seen: an underestimate of the bandwidth, corrected later).
+/// Round trips then do not pass for a slow link (a distant registry answering small
+/// requests), nor the client's own CPU for a fast one. Samples are per busy period of
+/// [`LINK_SAMPLE`] bytes or more, past a shaper's burst.
 #[derive(Default)]
 struct LinkMeter {
     in_flight: u32,
     busy_since: Option<Instant>,
     busy: Duration,
     bytes: u64,
-    /// The current busy period: its start, its bytes, and when its last request ended.
-    period_start: Option<Instant>,
-    period_bytes: u64,
+    rtt: Option<Duration>,
+    /// The current busy period: its bytes and their transfer time (seconds), and when
+    /// its last request ended.
+    period: Option<(u64, f64)>,
     last_end: Option<Instant>,
 }
 
 impl LinkMeter {
-    fn start(&mut self, now: Instant) {
+    fn start(&mut self, now: Instant) -> InFlight {
         if self.in_flight == 0 {
             self.busy_since = Some(now);
             let joined = self
                 .last_end
                 .is_some_and(|e| now.saturating_duration_since(e) <= LINK_GAP);
-            if !joined || self.period_start.is_none() {
-                self.period_start = Some(now);
-                self.period_bytes = 0;
+            if !joined {
+                self.period = None;
             }
         }
         self.in_flight += 1;
+        InFlight {
+            at: now,
+            with: self.in_flight,
+        }
     }
 
-    /// A request ended with `bytes`; the current busy period's rate once it has carried
-    /// [`LINK_SAMPLE`] bytes (a verdict on the link), None before.
-    fn end(&mut self, bytes: u64, now: Instant) -> Option<f64> {
-        self.bytes += bytes;
-        self.period_bytes += bytes;
+    /// A request ended with `bytes`; the current busy period's bandwidth once it has
+    /// carried [`LINK_SAMPLE`] bytes (a verdict on the link), None before.
+    fn end(&mut self, req: InFlight, bytes: u64, now: Instant) -> Option<f64> {
+        let took = now.saturating_duration_since(req.at);
+        let with = req.with.max(self.in_flight).max(1);
         self.in_flight = self.in_flight.saturating_sub(1);
         if self.in_flight == 0 {
             if let Some(t) = self.busy_since.take() {
@@ -188,9 +209,21 @@ impl LinkMeter {
             }
             self.last_end = Some(now);
         }
-        let period = now.saturating_duration_since(self.period_start?);
-        (self.period_bytes >= LINK_SAMPLE)
-            .then(|| self.period_bytes as f64 / period.as_secs_f64().max(1e-6))
+        if bytes == 0 {
+            return None;
+        }
+        self.bytes += bytes;
+        if bytes <= LINK_SMALL && with == 1 {
+            self.rtt = Some(self.rtt.map_or(took, |r| r.min(took)));
+        }
+        let transfer = took
+            .saturating_sub(self.rtt.unwrap_or_default())
+            .as_secs_f64()
+            / with as f64;
+        let (b, t) = self.period.get_or_insert((0, 0.0));
+        *b += bytes;
+        *t += transfer;
+        (*b >= LINK_SAMPLE).then(|| *b as f64 / t.max(1e-6))
     }
 
     /// Bytes/s over all busy time, once at least 1 MiB was received (reported only).
@@ -565,6 +598,9 @@ impl Fetcher {
     /// Stop the background workers (queued work is dropped) after the chunks fetched so
     /// far are in the node store.
     pub fn close(&self) {
+        // The mount's device number may be another mount's soon: no more readahead
+        // changes through it.
+        *self.on_link.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.flush(Duration::from_secs(30));
         self.drain_seals(Duration::from_secs(60));
         {
@@ -750,12 +786,9 @@ impl Fetcher {
         *h = Some(hook);
     }
 
-    /// A busy period's rate sample: the verdict follows it, with hysteresis. While the
-    /// link counts as slow, requests carry what readers ask for, and their goodput is
-    /// bound by round trips and by this machine's CPU as much as by the link (32 MB/s
-    /// on loopback with two busy cores), so a sample at the threshold turns it fast; a
-    /// fast link turns slow only below three quarters of it (a 100 Mbit/s link behind a
-    /// 1 MB burst measures 16–17 MB/s over 4 MiB).
+    /// A busy period's bandwidth sample: the verdict follows it, with hysteresis (a fast
+    /// link turns slow below three quarters of the threshold, a slow one fast at it), so
+    /// a link measuring near the threshold does not flip back and forth.
     fn link_sample(&self, rate: f64) {
         let was = self.link_fast.load(Ordering::Relaxed);
         let fast = if was {
@@ -1042,7 +1075,8 @@ impl Fetcher {
         let got = self.retrying(
             &|| format!("pack {digest} bytes {offset}+{len}"),
             &mut || {
-                self.link
+                let req = self
+                    .link
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .start(Instant::now());
@@ -1051,11 +1085,11 @@ impl Fetcher {
                     Ok(RangeRead::Range(b)) => b.len() as u64,
                     _ => 0,
                 };
-                let sample = self
-                    .link
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .end(n, Instant::now());
+                let sample =
+                    self.link
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .end(req, n, Instant::now());
                 if let Some(rate) = sample {
                     self.link_sample(rate);
                 }
@@ -1200,28 +1234,49 @@ mod tests {
 
     const MB: u64 = 1_000_000;
 
-    /// A token-bucket link: `burst` bytes at `line` bytes/s, then `rate` bytes/s; one
-    /// request at a time of `request` bytes. Returns the verdicts the meter gave.
-    fn shaped(burst: u64, line: f64, rate: f64, request: u64, total: u64) -> Vec<f64> {
+    /// A link: `burst` bytes at `line` bytes/s (a token bucket's), then `rate`; a round
+    /// trip of `rtt` s. First one small request alone (16 KiB), then rounds of `k`
+    /// requests of `request` bytes sent together, each round ending when its last byte
+    /// arrives. Returns the meter's samples.
+    fn link(
+        burst: u64,
+        line: f64,
+        rate: f64,
+        rtt: f64,
+        request: u64,
+        k: u32,
+        total: u64,
+    ) -> Vec<f64> {
         let mut m = LinkMeter::default();
         let t0 = Instant::now();
+        let at = |t: f64| t0 + Duration::from_secs_f64(t);
         let (mut t, mut sent, mut samples) = (0.0f64, 0u64, Vec::new());
-        while sent < total {
-            m.start(t0 + Duration::from_secs_f64(t));
-            let fast = request.min(burst.saturating_sub(sent));
-            t += fast as f64 / line + (request - fast) as f64 / rate + 0.0005;
-            sent += request;
-            if let Some(r) = m.end(request, t0 + Duration::from_secs_f64(t)) {
-                samples.push(r);
+        let round = |m: &mut LinkMeter, t: &mut f64, sent: &mut u64, size: u64, k: u32| {
+            let bytes = size * k as u64;
+            let fast = bytes.min(burst.saturating_sub(*sent));
+            let reqs: Vec<InFlight> = (0..k).map(|_| m.start(at(*t))).collect();
+            *t += rtt + fast as f64 / line + (bytes - fast) as f64 / rate;
+            *sent += bytes;
+            let mut got = Vec::new();
+            for r in reqs {
+                if let Some(x) = m.end(r, size, at(*t)) {
+                    got.push(x);
+                }
             }
+            got
+        };
+        round(&mut m, &mut t, &mut sent, 16 << 10, 1);
+        while sent < total {
+            samples.extend(round(&mut m, &mut t, &mut sent, request, k));
+            t += 0.0002;
         }
         samples
     }
 
     #[test]
     fn a_burst_does_not_make_a_slow_link_fast() {
-        // 100 Mbit/s behind a 1 MB burst delivered at 1 GB/s, the index's 0.5 MB first.
-        let s = shaped(MB, 1e9, 12.5e6, 64 << 10, 20 * MB);
+        // 100 Mbit/s behind a 1 MB burst delivered at 1 GB/s; 4 requests at a time.
+        let s = link(MB, 1e9, 12.5e6, 0.0003, 64 << 10, 4, 20 * MB);
         assert!(!s.is_empty(), "no verdict after 20 MB");
         // Below three quarters of the threshold: a fast first guess (the index came in
         // the burst) turns slow at the first sample.
@@ -1229,21 +1284,28 @@ mod tests {
             s.iter().all(|&r| r < 24e6),
             "slow link taken for fast: {s:?}"
         );
-        // The same link without a burst, and a fast link.
-        assert!(shaped(0, 1e9, 12.5e6, 64 << 10, 8 * MB)
-            .iter()
-            .all(|&r| r < 32e6));
-        let fast = shaped(0, 1e9, 500e6, 256 << 10, 8 * MB);
-        assert!(
-            !fast.is_empty() && fast.iter().all(|&r| r > 32e6),
-            "{fast:?}"
-        );
+        // The same link without a burst, one request at a time.
+        let s = link(0, 1e9, 12.5e6, 0.0003, 192 << 10, 1, 8 * MB);
+        assert!(!s.is_empty() && s.iter().all(|&r| r < 24e6), "{s:?}");
+    }
+
+    #[test]
+    fn round_trips_do_not_make_a_fast_link_slow() {
+        // 1 Gbit/s, 30 ms away: a 192 KiB request takes 31.6 ms, 6 MB/s if its whole
+        // time were transfer. One at a time, and eight at a time.
+        for k in [1, 8] {
+            let s = link(0, 125e6, 125e6, 0.030, 192 << 10, k, 16 * MB);
+            assert!(!s.is_empty() && s.iter().all(|&r| r > 32e6), "k={k}: {s:?}");
+        }
+        // Loopback with a busy client: small requests, short round trips.
+        let s = link(0, 400e6, 400e6, 0.0005, 64 << 10, 4, 16 * MB);
+        assert!(!s.is_empty() && s.iter().all(|&r| r > 32e6), "{s:?}");
     }
 
     #[test]
     fn a_long_burst_fools_the_first_sample_only() {
         // 6 MB at line rate, then 12.5 MB/s: the period's rate falls below the threshold.
-        let s = shaped(6 * MB, 1e9, 12.5e6, 256 << 10, 40 * MB);
+        let s = link(6 * MB, 1e9, 12.5e6, 0.0003, 256 << 10, 1, 40 * MB);
         assert!(s[0] > 32e6, "{s:?}");
         assert!(*s.last().unwrap() < 24e6, "{s:?}");
     }
@@ -1252,39 +1314,37 @@ mod tests {
     fn idle_gaps_start_a_new_sample() {
         let mut m = LinkMeter::default();
         let t0 = Instant::now();
-        let ms = |n: u64| Duration::from_millis(n);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
         // 3 MiB in one period, then idle: no verdict (the sample is too small).
-        m.start(t0);
-        assert_eq!(m.end(3 << 20, t0 + ms(10)), None);
+        let r = m.start(ms(0));
+        assert_eq!(m.end(r, 3 << 20, ms(10)), None);
         // A second period of 3 MiB, a second later, does not add to the first.
-        m.start(t0 + ms(1000));
-        assert_eq!(m.end(3 << 20, t0 + ms(1010)), None);
-        // Overlapping requests count once in time.
-        let t1 = t0 + ms(2000);
-        m.start(t1);
-        m.start(t1);
-        assert_eq!(m.end(2 << 20, t1 + ms(100)), None);
-        let r = m.end(2 << 20, t1 + ms(200)).unwrap();
-        assert!((r - (4 << 20) as f64 / 0.2).abs() < 1.0, "{r}");
-        // The reported rate spans every period: 10 MiB over 0.22 s.
-        let all = m.rate(t1 + ms(5000)).unwrap();
+        let r = m.start(ms(1000));
+        assert_eq!(m.end(r, 3 << 20, ms(1010)), None);
+        // Two requests overlapping: each counts for half its time (no round trip known).
+        let (a, b) = (m.start(ms(2000)), m.start(ms(2000)));
+        assert_eq!(m.end(a, 2 << 20, ms(2100)), None);
+        let r = m.end(b, 2 << 20, ms(2200)).unwrap();
+        assert!((r - (4 << 20) as f64 / 0.15).abs() < 1.0, "{r}");
+        // The reported rate spans every period: 10 MiB over 0.22 s busy.
+        let all = m.rate(ms(5000)).unwrap();
         assert!((all - (10 << 20) as f64 / 0.22).abs() < 10.0, "{all}");
     }
 
     #[test]
     fn a_reader_waiting_for_each_chunk_makes_one_sample() {
-        // One request at a time, 1 ms apart: one period, its gaps counted as busy.
+        // One request at a time, 1 ms apart: one period.
         let mut m = LinkMeter::default();
         let t0 = Instant::now();
         let mut t = t0;
         let mut last = None;
         for _ in 0..64 {
-            m.start(t);
+            let r = m.start(t);
             t += Duration::from_millis(1);
-            last = m.end(64 << 10, t);
+            last = m.end(r, 64 << 10, t);
             t += Duration::from_millis(1);
         }
         let r = last.expect("4 MiB in one period is a sample");
-        assert!((r - (4 << 20) as f64 / 0.127).abs() < 1e3, "{r}");
+        assert!((r - (4 << 20) as f64 / 0.064).abs() < 1e3, "{r}");
     }
 }

@@ -275,7 +275,9 @@ impl Job {
         let (generation, entries) = self.open_files.entries();
         if entries != pinned.1 {
             let ids = crate::pins_of(&self.image.index, &entries);
-            if let Err(e) = store.repin(&self.pin, &ids) {
+            // Both lists are sorted: did any entry leave?
+            let released = pinned.1.iter().any(|e| entries.binary_search(e).is_err());
+            if let Err(e) = store.repin(&self.pin, &ids, released) {
                 tracing::warn!(image = %self.reference, error = %e, "cannot update the mount's pin in the node store; trying again");
                 return;
             }
@@ -368,7 +370,7 @@ pub fn start_with(
         ..o.reg.clone()
     };
     let (source, img) = reg.open_image_cached(reference, Some(store.as_ref()))?;
-    // The index download is the mount's bandwidth sample (see FetchOptions).
+    // The index download is the first guess of the link's speed (see FetchOptions).
     match img.index_fetch {
         Some(took) => {
             let rate = img.index_desc.size as f64 / took.as_secs_f64().max(1e-6);
@@ -497,6 +499,14 @@ pub fn start_with(
             return Err(SessionError::Pin(e));
         }
     };
+    // Every id of the image: eviction takes them only after what no mounted image uses.
+    let files: Vec<u32> = (0..img.index.entries.len() as u32).collect();
+    let mut all = crate::pins_of(&img.index, &files);
+    all.sort_unstable_by_key(|d| d.0);
+    all.dedup();
+    if let Err(e) = store.set_image(&pin, &all) {
+        tracing::warn!(image = %reference, error = %e, "cannot record the mounted image's chunks in the node store; eviction may take them before others");
+    }
     let access = o.access;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let (d2, threads) = (dir.to_path_buf(), o.threads);

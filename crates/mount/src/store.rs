@@ -216,8 +216,12 @@ pub struct GcReport {
     pub removed_sealed_files: u64,
     pub kept_chunks: u64,
     pub kept_bytes: u64,
-    /// Of `kept_chunks`, those a mounted image uses.
+    /// Of `kept_chunks`, those files open on a mount use (never evicted).
     pub pinned_kept: u64,
+    /// Of `kept_chunks`, those of mounted images (evicted only after every chunk that no
+    /// mounted image uses, and never when the collection spares mounted images).
+    #[serde(default)]
+    pub mounted_kept: u64,
     pub stale_pins_removed: u64,
     pub temp_files_removed: u64,
     /// Pointers whose sealed file was gone, and chunk lists without their file.
@@ -877,11 +881,13 @@ impl NodeStore {
         Ok(base)
     }
 
-    /// Replace what the pin `pin` keeps with `ids` (a mount's open files changed). The
-    /// file is rewritten in place, under the lock it is held by: a reader in between may
-    /// see old and new ids mixed (both were pinned a moment ago; at worst a chunk is
-    /// evicted and fetched again).
-    pub fn repin(&self, pin: &Path, ids: &[Digest]) -> io::Result<()> {
+    /// Replace what the pin `pin` keeps with `ids` (a mount's open files changed;
+    /// `released`: some file that was open is not any more). The file is rewritten in
+    /// place, under the lock it is held by: a gc in another process reading it meanwhile
+    /// may see old and new ids mixed or the file cut short, and then evict a chunk of an
+    /// open file, which is fetched again when read (files opened since the last rewrite,
+    /// up to half a second ago, are not pinned yet either).
+    pub fn repin(&self, pin: &Path, ids: &[Digest], released: bool) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let mut bytes = Vec::with_capacity(ids.len() * 32);
         for id in ids {
@@ -894,10 +900,24 @@ impl NodeStore {
         f.write_all_at(&bytes, 0)?;
         f.set_len(bytes.len() as u64)?;
         drop(pins);
-        // What the pin let go of may go now: the next write over the quota evicts again.
-        self.state.evict_again_at.store(0, Ordering::Relaxed);
-        self.check_quota();
+        if released {
+            // What the pin let go of may go now: the next write over the quota evicts
+            // again.
+            self.state.evict_again_at.store(0, Ordering::Relaxed);
+            self.check_quota();
+        }
         Ok(())
+    }
+
+    /// Record every id (chunks and sealed-file keys) of the image mounted under `pin`:
+    /// eviction takes such chunks only after every chunk no mounted image uses
+    /// ([`NodeStore::gc_with`]). Written once, beside the pin (`.image`).
+    pub fn set_image(&self, pin: &Path, ids: &[Digest]) -> io::Result<()> {
+        let mut bytes = Vec::with_capacity(ids.len() * 32);
+        for id in ids {
+            bytes.extend_from_slice(&id.0);
+        }
+        write_atomic(&pin.with_extension("image"), &bytes)
     }
 
     /// Update what a pinned mount publishes (its counters).
@@ -917,6 +937,7 @@ impl NodeStore {
         self.state.evict_again_at.store(0, Ordering::Relaxed);
         let _ = fs::remove_file(pin.with_extension("pin"));
         let _ = fs::remove_file(pin.with_extension("json"));
+        let _ = fs::remove_file(pin.with_extension("image"));
         self.pins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -960,9 +981,18 @@ impl NodeStore {
     }
 
     fn pinned_ids(&self, live: &[LivePin]) -> HashSet<Digest> {
+        self.ids_beside(live, "pin")
+    }
+
+    /// Every id of the images mounted now (their `.image` files).
+    fn mounted_ids(&self, live: &[LivePin]) -> HashSet<Digest> {
+        self.ids_beside(live, "image")
+    }
+
+    fn ids_beside(&self, live: &[LivePin], ext: &str) -> HashSet<Digest> {
         let mut set = HashSet::new();
         for (base, _) in live {
-            if let Ok(b) = fs::read(base.with_extension("pin")) {
+            if let Ok(b) = fs::read(base.with_extension(ext)) {
                 for c in b.chunks_exact(32) {
                     if let Ok(a) = <[u8; 32]>::try_from(c) {
                         set.insert(Digest(a));
@@ -1122,11 +1152,19 @@ impl NodeStore {
         Ok(s)
     }
 
-    /// Evict least recently used chunks that no mounted image uses until the store holds
-    /// at most `max_bytes`; also removes stale pins, old temp files and dangling pointers.
-    /// A sealed file goes with its chunk list and every pointer into it, as one unit that
-    /// a mounted image pins when it uses any of its chunks (or the file itself).
+    /// [`NodeStore::gc_with`] that may take mounted images' chunks (after all others), as
+    /// the quota's eviction does.
     pub fn gc(&self, max_bytes: u64) -> io::Result<GcReport> {
+        self.gc_with(max_bytes, false)
+    }
+
+    /// Evict least recently used chunks until the store holds at most `max_bytes`: first
+    /// those no mounted image uses, then (unless `spare_mounted`) those of mounted images
+    /// whose files are not open; never those of open files. Also removes stale pins, old
+    /// temp files and dangling pointers. A sealed file goes with its chunk list and every
+    /// pointer into it, as one unit, pinned (or mounted) when any of its chunks (or the
+    /// file itself) is.
+    pub fn gc_with(&self, max_bytes: u64, spare_mounted: bool) -> io::Result<GcReport> {
         let mut r = GcReport::default();
         // Bytes this process adds while the walk runs are not in it: kept on top.
         let counted_before = self.state.bytes.load(Ordering::Relaxed);
@@ -1134,6 +1172,7 @@ impl NodeStore {
         for (base, _lock) in stale {
             let _ = fs::remove_file(base.with_extension("pin"));
             let _ = fs::remove_file(base.with_extension("json"));
+            let _ = fs::remove_file(base.with_extension("image"));
             r.stale_pins_removed += 1;
         }
         // Pins and publications a process died writing (`*.part`).
@@ -1149,6 +1188,7 @@ impl NodeStore {
             }
         }
         let pinned = self.pinned_ids(&live);
+        let mounted = self.mounted_ids(&live);
         let (sealed, strays) = self.walk_sealed_with_strays()?;
         for p in strays {
             // A list without its file: left by a seal that failed, or one that is being
@@ -1168,6 +1208,7 @@ impl NodeStore {
             bytes: u64,
             mtime: SystemTime,
             pinned: bool,
+            mounted: bool,
             chunks: u64,
             sealed: bool,
         }
@@ -1180,6 +1221,7 @@ impl NodeStore {
                 bytes: f.len,
                 mtime: f.mtime,
                 pinned: pinned.contains(&f.key),
+                mounted: mounted.contains(&f.key),
                 chunks: 0,
                 sealed: true,
             });
@@ -1192,6 +1234,7 @@ impl NodeStore {
                     bytes: f.len,
                     mtime: f.mtime,
                     pinned: pinned.contains(&id),
+                    mounted: mounted.contains(&id),
                     chunks: 1,
                     sealed: false,
                 }),
@@ -1203,6 +1246,7 @@ impl NodeStore {
                         u.bytes += f.len;
                         u.chunks += 1;
                         u.pinned |= pinned.contains(&id);
+                        u.mounted |= mounted.contains(&id);
                     }
                     // Dangling, unless its file was sealed after the walk of files/.
                     None if !NodeStore::sealed_path_in(&self.dir, &p.key).exists() => {
@@ -1220,9 +1264,10 @@ impl NodeStore {
             }
         }
         total += units.iter().map(|u| u.bytes).sum::<u64>();
-        units.sort_by_key(|u| u.mtime);
+        // What no mounted image uses goes first, least recently used first.
+        units.sort_by_key(|u| (u.mounted, u.mtime));
         for u in units {
-            if total > max_bytes && !u.pinned {
+            if total > max_bytes && !u.pinned && !(spare_mounted && u.mounted) {
                 let mut removed = true;
                 for p in &u.paths {
                     removed &= fs::remove_file(p).is_ok() || !p.exists();
@@ -1239,6 +1284,9 @@ impl NodeStore {
             r.kept_bytes += u.bytes;
             if u.pinned {
                 r.pinned_kept += u.chunks;
+            }
+            if u.mounted {
+                r.mounted_kept += u.chunks;
             }
         }
         let _ = self
@@ -1300,13 +1348,15 @@ impl NodeStore {
                             tracing::warn!(
                                 kept_bytes = r.kept_bytes,
                                 quota,
-                                "node store stays over quota: the rest is used by mounted images"
+                                "node store stays over quota: the rest is used by files open on mounts"
                             );
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "node store eviction failed"),
                 }
                 me.state.gc_running.store(false, Ordering::Release);
+                // Writes made while the pass ran were not in its walk: look again.
+                me.check_quota();
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start node store eviction");
@@ -1619,24 +1669,61 @@ mod tests {
     }
 
     #[test]
+    fn eviction_takes_mounted_images_last_and_open_files_never() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let ids: Vec<Digest> = (0..6u8).map(|i| put(&s, &[i; 1000])).collect();
+        // Chunks 0..3 belong to a mounted image and are the oldest; 3..6 to nothing.
+        for (i, id) in ids.iter().enumerate() {
+            let t = SystemTime::now() - Duration::from_secs(3600 * (10 - i as u64));
+            File::options()
+                .write(true)
+                .open(s.path(id))
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        let pin = s.pin(&ids[..1], &MountInfo::default()).unwrap();
+        s.set_image(&pin, &ids[..3]).unwrap();
+        // Down to 4000 bytes: the unmounted chunks go first although they are younger.
+        let r = s.gc(4000).unwrap();
+        assert_eq!(r.removed_chunks, 2);
+        assert!(ids[..3].iter().all(|id| s.get(id).is_some()));
+        assert_eq!((r.mounted_kept, r.pinned_kept), (3, 1));
+        // Sparing mounted images: nothing more goes, whatever the size asked.
+        let r = s.gc_with(0, true).unwrap();
+        assert_eq!(r.removed_chunks, 1, "{r:?}");
+        assert!(ids[..3].iter().all(|id| s.get(id).is_some()));
+        // Not sparing them: all but the open file's chunk.
+        let r = s.gc(0).unwrap();
+        assert_eq!((r.removed_chunks, r.kept_chunks), (2, 1));
+        assert!(s.get(&ids[0]).is_some());
+        s.unpin(&pin);
+        assert!(!pin.with_extension("image").exists());
+    }
+
+    #[test]
     fn a_pin_follows_what_is_open() {
         let d = tempfile::tempdir().unwrap();
         let s = NodeStore::open(d.path()).unwrap();
         let ids: Vec<Digest> = (0..4u8).map(|i| put(&s, &[i; 1000])).collect();
         let pin = s.pin(&ids, &MountInfo::default()).unwrap();
         // Fewer ids than before: the file shrinks, no old id stays behind.
-        s.repin(&pin, &ids[3..]).unwrap();
+        s.repin(&pin, &ids[3..], true).unwrap();
         assert_eq!(s.stats().unwrap().pinned_chunks, 1);
         let r = s.gc(0).unwrap();
         assert_eq!((r.removed_chunks, r.pinned_kept), (3, 1));
         assert!(s.get(&ids[3]).is_some());
         // Nothing open: nothing pinned, the mount is still listed.
-        s.repin(&pin, &[]).unwrap();
+        s.repin(&pin, &[], true).unwrap();
         let st = s.stats().unwrap();
         assert_eq!((st.pinned_chunks, st.mounts.len()), (0, 1));
         assert_eq!(s.gc(0).unwrap().removed_chunks, 1);
         s.unpin(&pin);
-        assert!(s.repin(&pin, &ids).is_err(), "a pin that is gone came back");
+        assert!(
+            s.repin(&pin, &ids, false).is_err(),
+            "a pin that is gone came back"
+        );
     }
 
     #[test]

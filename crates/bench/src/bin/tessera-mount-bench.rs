@@ -137,10 +137,11 @@ struct Args {
     /// Skip nydusd in phase 3.
     #[arg(long)]
     skip_nydus: bool,
-    /// Phase 4: this many mounts served by one `tessera mount` process (the corpus images
-    /// in turn), each walked and read (--many-read bytes of its largest files); the
-    /// daemon's peak RSS. 0 skips it.
-    #[arg(long, default_value_t = 10)]
+    /// Phase 4 (off by default): this many mounts served by one `tessera mount` process
+    /// (the corpus images in turn; past the corpus's 7, images repeat, and repeated
+    /// images share chunks in memory), each walked and read (--many-read bytes of its
+    /// largest files); the daemon's peak RSS. Issue 11's row: --many 10.
+    #[arg(long, default_value_t = 0)]
     many: usize,
     /// Bytes read from each mount of phase 4 (its largest files first).
     #[arg(long, default_value_t = 64 << 20)]
