@@ -165,7 +165,8 @@ struct InFlight {
 /// seen (0 until one is seen: an underestimate of the bandwidth, corrected later).
 /// Round trips then do not pass for a slow link (a distant registry answering small
 /// requests), nor the client's own CPU for a fast one. Samples are per busy period of
-/// [`LINK_SAMPLE`] bytes or more, past a shaper's burst.
+/// [`LINK_SAMPLE`] bytes or more, past a shaper's burst; the short pauses inside a period
+/// count as transfer time (a shaper refills its burst in them).
 #[derive(Default)]
 struct LinkMeter {
     in_flight: u32,
@@ -183,11 +184,16 @@ impl LinkMeter {
     fn start(&mut self, now: Instant) -> InFlight {
         if self.in_flight == 0 {
             self.busy_since = Some(now);
-            let joined = self
-                .last_end
-                .is_some_and(|e| now.saturating_duration_since(e) <= LINK_GAP);
-            if !joined {
-                self.period = None;
+            let gap = self.last_end.map(|e| now.saturating_duration_since(e));
+            match gap {
+                // A short pause joins the period and counts as transfer time: a shaper
+                // refills its burst meanwhile, and those bytes come at line rate.
+                Some(g) if g <= LINK_GAP => {
+                    if let Some((_, t)) = &mut self.period {
+                        *t += g.as_secs_f64();
+                    }
+                }
+                _ => self.period = None,
             }
         }
         self.in_flight += 1;
@@ -201,7 +207,9 @@ impl LinkMeter {
     /// carried [`LINK_SAMPLE`] bytes (a verdict on the link), None before.
     fn end(&mut self, req: InFlight, bytes: u64, now: Instant) -> Option<f64> {
         let took = now.saturating_duration_since(req.at);
-        let with = req.with.max(self.in_flight).max(1);
+        // Requests in flight beside this one, itself included: the mean of its start and
+        // its end (the largest would overrate a request that ran alone at the end).
+        let with = (req.with.max(1) + self.in_flight.max(1)) as f64 / 2.0;
         self.in_flight = self.in_flight.saturating_sub(1);
         if self.in_flight == 0 {
             if let Some(t) = self.busy_since.take() {
@@ -213,13 +221,13 @@ impl LinkMeter {
             return None;
         }
         self.bytes += bytes;
-        if bytes <= LINK_SMALL && with == 1 {
+        if bytes <= LINK_SMALL && with <= 1.0 {
             self.rtt = Some(self.rtt.map_or(took, |r| r.min(took)));
         }
         let transfer = took
             .saturating_sub(self.rtt.unwrap_or_default())
             .as_secs_f64()
-            / with as f64;
+            / with;
         let (b, t) = self.period.get_or_insert((0, 0.0));
         *b += bytes;
         *t += transfer;
@@ -1321,11 +1329,12 @@ mod tests {
         // A second period of 3 MiB, a second later, does not add to the first.
         let r = m.start(ms(1000));
         assert_eq!(m.end(r, 3 << 20, ms(1010)), None);
-        // Two requests overlapping: each counts for half its time (no round trip known).
+        // Two requests overlapping, the second running alone at the end: each counts for
+        // its time over 1.5 (no round trip known).
         let (a, b) = (m.start(ms(2000)), m.start(ms(2000)));
         assert_eq!(m.end(a, 2 << 20, ms(2100)), None);
         let r = m.end(b, 2 << 20, ms(2200)).unwrap();
-        assert!((r - (4 << 20) as f64 / 0.15).abs() < 1.0, "{r}");
+        assert!((r - (4 << 20) as f64 / 0.2).abs() < 1.0, "{r}");
         // The reported rate spans every period: 10 MiB over 0.22 s busy.
         let all = m.rate(ms(5000)).unwrap();
         assert!((all - (10 << 20) as f64 / 0.22).abs() < 10.0, "{all}");
@@ -1333,7 +1342,7 @@ mod tests {
 
     #[test]
     fn a_reader_waiting_for_each_chunk_makes_one_sample() {
-        // One request at a time, 1 ms apart: one period.
+        // One request at a time, 1 ms apart: one period, its pauses counted.
         let mut m = LinkMeter::default();
         let t0 = Instant::now();
         let mut t = t0;
@@ -1345,6 +1354,6 @@ mod tests {
             t += Duration::from_millis(1);
         }
         let r = last.expect("4 MiB in one period is a sample");
-        assert!((r - (4 << 20) as f64 / 0.064).abs() < 1e3, "{r}");
+        assert!((r - (4 << 20) as f64 / 0.127).abs() < 1e3, "{r}");
     }
 }
