@@ -248,6 +248,8 @@ pub struct Job {
     open_files: OpenFiles,
     pinned: Mutex<(u64, Vec<u32>)>,
     image: Arc<TesseraImage>,
+    /// Whether the image's ids were written beside the pin ([`Job::record_image`]).
+    image_recorded: AtomicBool,
 }
 
 /// The thread serving a mount's FUSE session; it ends when the mount is unmounted.
@@ -263,7 +265,22 @@ impl Job {
         let mut info = self.info.clone();
         info.counters = self.fetcher.counters_json();
         let _ = store.publish(&self.pin, &info);
+        if !self.image_recorded.swap(true, Ordering::Relaxed) {
+            self.record_image(store);
+        }
         self.repin(store);
+    }
+
+    /// Every id of the image beside the pin: eviction takes them only after what no
+    /// mounted image uses. Done by the first publication, off the mount's start.
+    fn record_image(&self, store: &NodeStore) {
+        let files: Vec<u32> = (0..self.image.index.entries.len() as u32).collect();
+        let mut all = crate::pins_of(&self.image.index, &files);
+        all.sort_unstable_by_key(|d| d.0);
+        all.dedup();
+        if let Err(e) = store.set_image(&self.pin, &all) {
+            tracing::warn!(image = %self.reference, error = %e, "cannot record the mounted image's chunks in the node store; eviction may take them before others");
+        }
     }
 
     /// Rewrite the pin if the set of open files changed since it was last written.
@@ -499,14 +516,6 @@ pub fn start_with(
             return Err(SessionError::Pin(e));
         }
     };
-    // Every id of the image: eviction takes them only after what no mounted image uses.
-    let files: Vec<u32> = (0..img.index.entries.len() as u32).collect();
-    let mut all = crate::pins_of(&img.index, &files);
-    all.sort_unstable_by_key(|d| d.0);
-    all.dedup();
-    if let Err(e) = store.set_image(&pin, &all) {
-        tracing::warn!(image = %reference, error = %e, "cannot record the mounted image's chunks in the node store; eviction may take them before others");
-    }
     let access = o.access;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let (d2, threads) = (dir.to_path_buf(), o.threads);
@@ -550,6 +559,7 @@ pub fn start_with(
         open_files,
         pinned: Mutex::new((0, Vec::new())),
         image: img.clone(),
+        image_recorded: AtomicBool::new(false),
     });
     let failed = |why: String| SessionError::Failed {
         reference: reference.to_string(),

@@ -911,13 +911,16 @@ impl NodeStore {
 
     /// Record every id (chunks and sealed-file keys) of the image mounted under `pin`:
     /// eviction takes such chunks only after every chunk no mounted image uses
-    /// ([`NodeStore::gc_with`]). Written once, beside the pin (`.image`).
+    /// ([`NodeStore::gc_with`]). Written once, beside the pin (`.image`), renamed into
+    /// place but not synced: after a crash the pin is stale and the file goes with it.
     pub fn set_image(&self, pin: &Path, ids: &[Digest]) -> io::Result<()> {
         let mut bytes = Vec::with_capacity(ids.len() * 32);
         for id in ids {
             bytes.extend_from_slice(&id.0);
         }
-        write_atomic(&pin.with_extension("image"), &bytes)
+        let path = pin.with_extension("image");
+        let tmp = path.with_extension("image.part");
+        fs::write(&tmp, &bytes).and_then(|()| fs::rename(&tmp, &path))
     }
 
     /// Update what a pinned mount publishes (its counters).
@@ -1635,12 +1638,9 @@ mod tests {
         assert_eq!((st.chunks, st.temp_files), (20, 0));
     }
 
-    #[test]
-    fn gc_evicts_least_recently_used_but_never_pinned() {
-        let d = tempfile::tempdir().unwrap();
-        let s = NodeStore::open(d.path()).unwrap();
-        let ids: Vec<Digest> = (0..6u8).map(|i| put(&s, &[i; 1000])).collect();
-        // Ages: chunk i was last used i hours ago... reversed: 0 is the oldest.
+    /// Six chunks of 1000 bytes, chunk i last used 10 - i hours ago (0 is the oldest).
+    fn six_aged_chunks(s: &NodeStore) -> Vec<Digest> {
+        let ids: Vec<Digest> = (0..6u8).map(|i| put(s, &[i; 1000])).collect();
         for (i, id) in ids.iter().enumerate() {
             let t = SystemTime::now() - Duration::from_secs(3600 * (10 - i as u64));
             File::options()
@@ -1650,6 +1650,14 @@ mod tests {
                 .set_modified(t)
                 .unwrap();
         }
+        ids
+    }
+
+    #[test]
+    fn gc_evicts_least_recently_used_but_never_pinned() {
+        let d = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(d.path()).unwrap();
+        let ids = six_aged_chunks(&s);
         let pin = s.pin(&ids[..1], &MountInfo::default()).unwrap();
         let r = s.gc(3000).unwrap();
         assert_eq!(r.removed_chunks, 3);
@@ -1672,17 +1680,8 @@ mod tests {
     fn eviction_takes_mounted_images_last_and_open_files_never() {
         let d = tempfile::tempdir().unwrap();
         let s = NodeStore::open(d.path()).unwrap();
-        let ids: Vec<Digest> = (0..6u8).map(|i| put(&s, &[i; 1000])).collect();
+        let ids = six_aged_chunks(&s);
         // Chunks 0..3 belong to a mounted image and are the oldest; 3..6 to nothing.
-        for (i, id) in ids.iter().enumerate() {
-            let t = SystemTime::now() - Duration::from_secs(3600 * (10 - i as u64));
-            File::options()
-                .write(true)
-                .open(s.path(id))
-                .unwrap()
-                .set_modified(t)
-                .unwrap();
-        }
         let pin = s.pin(&ids[..1], &MountInfo::default()).unwrap();
         s.set_image(&pin, &ids[..3]).unwrap();
         // Down to 4000 bytes: the unmounted chunks go first although they are younger.
