@@ -412,6 +412,8 @@ fn tessera_packs_are_verified_before_their_chunks_are_admitted() {
         assert_eq!(h["repository"], "good/img");
         assert_eq!(h["offset"], e.offset);
         assert_eq!(h["stored_len"], e.stored_len);
+        assert_eq!(h["frame_len"], e.frame_len);
+        assert_eq!(h["inner"], e.inner);
     }
     // Deleting the pack's last link drops its chunks from the index.
     let r = http()

@@ -12,6 +12,19 @@ use tessera_format::index::{build_index, Index, Meta, StoredChunk, TreeKind, Tre
 use tessera_format::pack::{compress_chunk, verify_pack_bytes, PackWriter};
 use tessera_format::Digest;
 
+/// A version 2 pack whose frames each hold the chunks of one inner list.
+fn framed_pack(frames: &[Vec<Vec<u8>>]) -> Vec<u8> {
+    let mut w = PackWriter::new(Vec::new());
+    for f in frames {
+        let ids: Vec<(Digest, u32)> = f.iter().map(|c| (Digest::of(c), c.len() as u32)).collect();
+        let (stored, raw) = compress_chunk(&f.concat(), 3).unwrap();
+        w.append_frame(&ids, &stored, raw).unwrap();
+    }
+    let (bytes, _) = w.finish().unwrap();
+    verify_pack_bytes(&bytes).unwrap();
+    bytes
+}
+
 fn pack(chunks: &[Vec<u8>]) -> Vec<u8> {
     let mut w = PackWriter::new(Vec::new());
     for c in chunks {
@@ -53,8 +66,11 @@ fn sample_index() -> Index {
     let (da, db) = (Digest::of(&a), Digest::of(&b));
     let (pa, pb) = (Digest::of(b"pack-1"), Digest::of(b"pack-2"));
     let mut locs = BTreeMap::new();
-    locs.insert(da, StoredChunk { pack: pa, offset: 0, stored_len: 20, len: 3000, raw: false });
-    locs.insert(db, StoredChunk { pack: pb, offset: 0, stored_len: 700, len: 700, raw: true });
+    let dc = Digest::of(b"c");
+    locs.insert(da, StoredChunk::alone(pa, 0, 20, 3000, false));
+    locs.insert(db, StoredChunk::alone(pb, 0, 700, 700, true));
+    // Two chunks of one frame.
+    locs.insert(dc, StoredChunk { pack: pb, offset: 700, stored_len: 30, frame_len: 3001, inner: 3000, len: 1, raw: false });
 
     let mut tree = BTreeMap::new();
     tree.insert(path(""), node(0o755, TreeKind::Dir));
@@ -73,6 +89,7 @@ fn sample_index() -> Index {
     tree.insert(path("run/sock"), node(0o600, TreeKind::Socket));
     tree.insert(path("empty"), node(0o644, TreeKind::File { size: 0, chunks: vec![] }));
     tree.insert(path("twice"), node(0o644, TreeKind::File { size: 6000, chunks: vec![da, da] }));
+    tree.insert(path("c"), node(0o644, TreeKind::File { size: 1, chunks: vec![dc] }));
     build_index(&tree, &|d| locs.get(d).copied()).unwrap()
 }
 
@@ -96,6 +113,7 @@ fn main() {
     write(&p, "one_raw", &pack(&[noise(300, 1)]));
     write(&p, "one_zstd", &pack(&[vec![b'z'; 2000]]));
     write(&p, "mixed", &pack(&[vec![b'x'; 1500], noise(200, 2), b"hello, tessera\n".repeat(40)]));
+    write(&p, "frames", &framed_pack(&[vec![vec![b'x'; 1500], noise(200, 3), b"hi\n".to_vec()], vec![noise(90, 4), noise(10, 5)]]));
 
     for (name, index) in [("root_only", root_only()), ("sample", sample_index())] {
         let bytes = index.encode().unwrap();

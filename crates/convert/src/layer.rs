@@ -1,11 +1,13 @@
 //! One layer: decompress, read the tar stream, chunk every regular file, and hand the
-//! chunks to a pool of workers (hash, dictionary check, zstd) whose results are written
-//! to packs in archive order, so the output is deterministic whatever the thread count.
+//! chunks in groups of consecutive chunks (up to [`MAX_FRAME`] bytes) to a pool of
+//! workers (hash, dictionary check, zstd of the group's new chunks as one frame) whose
+//! results are written to packs in archive order, so the output is deterministic
+//! whatever the thread count.
 
 use crate::tree::{LayerEntry, LayerOp, TreePath};
 use crate::ConvertError;
 use crossbeam_channel::{bounded, unbounded};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, BufWriter, Read, Seek};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,13 +15,14 @@ use tessera_format::chunker::StreamChunker;
 use tessera_format::digest::HashingWriter;
 use tessera_format::index::{Meta, StoredChunk, TreeKind, TreeNode};
 use tessera_format::media::LayerCompression;
-use tessera_format::pack::{ChunkCompressor, PackWriter};
+use tessera_format::pack::{ChunkCompressor, PackWriter, TocEntry, MAX_FRAME};
 use tessera_format::Digest;
 
 /// A pack is closed once it holds this many stored bytes.
 pub const MAX_PACK_BYTES: u64 = 512 << 20;
-/// Chunks in flight between the tar reader and the pack writer (bounds memory).
-const IN_FLIGHT: usize = 64;
+/// Groups of chunks (each up to [`MAX_FRAME`] bytes) in flight between the tar reader and
+/// the pack writer (bounds memory).
+const IN_FLIGHT: usize = 16;
 
 /// What converting one layer produced.
 #[derive(Debug, Default)]
@@ -80,15 +83,56 @@ pub fn normalize(raw: &[u8]) -> Result<TreePath, ConvertError> {
     Ok(out)
 }
 
+/// Consecutive chunks of the layer (sequence numbers `seq..seq + chunks.len()`), at most
+/// [`MAX_FRAME`] bytes together: the new ones among them become one frame.
 struct Work {
     seq: u64,
-    data: Vec<u8>,
+    chunks: Vec<Vec<u8>>,
+}
+struct DoneChunk {
+    id: Digest,
+    len: u32,
+    /// In the group's frame: neither stored already nor repeated within the group.
+    new: bool,
 }
 struct Done {
     seq: u64,
-    id: Digest,
-    len: u32,
-    stored: Option<(Vec<u8>, bool)>,
+    chunks: Vec<DoneChunk>,
+    /// The new chunks concatenated (kept in case the writer must drop one it has
+    /// written meanwhile) and their stored frame.
+    plain: Vec<u8>,
+    frame: Option<(Vec<u8>, bool)>,
+}
+
+/// Chunks being grouped by the tar reader.
+#[derive(Default)]
+struct Group {
+    seq: u64,
+    chunks: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl Group {
+    /// Hand the group to the workers (after taking a permit) and start the next at `next`.
+    fn send(
+        &mut self,
+        work: &crossbeam_channel::Sender<Work>,
+        permits: &crossbeam_channel::Sender<()>,
+        next: u64,
+    ) -> Result<(), ConvertError> {
+        if !self.chunks.is_empty() {
+            let stopped = |_| ConvertError::Internal("pipeline stopped".into());
+            permits.send(()).map_err(stopped)?;
+            work.send(Work {
+                seq: self.seq,
+                chunks: std::mem::take(&mut self.chunks),
+            })
+            .map_err(|_| ConvertError::Internal("pipeline stopped".into()))?;
+        }
+        self.seq = next;
+        self.bytes = 0;
+        Ok(())
+    }
 }
 
 /// Parse PAX time "secs[.frac]" into (secs, nanos).
@@ -130,6 +174,7 @@ fn read_tar<R: Read>(
     let mut entries = Vec::new();
     let mut pending: Pending = Vec::new();
     let mut seq = 0u64;
+    let mut group = Group::default();
     let mut chunker = StreamChunker::new();
     let bad = |e: io::Error| ConvertError::BadLayer(format!("reading the layer tar: {e}"));
     for ent in ar.entries().map_err(bad)? {
@@ -233,11 +278,11 @@ fn read_tar<R: Read>(
                         ));
                     }
                     size += c.data.len() as u64;
-                    permits
-                        .send(())
-                        .map_err(|_| ConvertError::Internal("pipeline stopped".into()))?;
-                    work.send(Work { seq, data: c.data })
-                        .map_err(|_| ConvertError::Internal("pipeline stopped".into()))?;
+                    if group.bytes + c.data.len() > MAX_FRAME {
+                        group.send(work, permits, seq)?;
+                    }
+                    group.bytes += c.data.len();
+                    group.chunks.push(c.data);
                     seqs.push(seq);
                     seq += 1;
                 }
@@ -272,6 +317,7 @@ fn read_tar<R: Read>(
         };
         entries.push(LayerEntry { path, op });
     }
+    group.send(work, permits, seq)?;
     Ok((entries, pending))
 }
 
@@ -337,16 +383,38 @@ struct PackSink<'a> {
     )>,
     done: Vec<(Digest, u64)>,
     /// chunks of the open pack, located once its digest is known
-    open_chunks: Vec<(Digest, u64, u32, u32, bool)>,
+    open_chunks: Vec<TocEntry>,
     located: HashMap<Digest, StoredChunk>,
 }
 
 impl<'a> PackSink<'a> {
-    fn add(&mut self, id: Digest, len: u32, stored: &[u8], raw: bool) -> Result<(), ConvertError> {
+    fn new(staging: &'a Path) -> Self {
+        PackSink {
+            staging,
+            current: None,
+            done: Vec::new(),
+            open_chunks: Vec::new(),
+            located: HashMap::new(),
+        }
+    }
+
+    /// Append one frame holding `chunks` (id, length).
+    fn add(
+        &mut self,
+        chunks: &[(Digest, u32)],
+        stored: &[u8],
+        raw: bool,
+    ) -> Result<(), ConvertError> {
         let io = |e: io::Error| ConvertError::Io {
             context: "writing a pack".into(),
             source: e,
         };
+        let full = self.current.as_ref().is_some_and(|(w, _)| {
+            (w.len() + chunks.len()) as u64 > tessera_format::pack::MAX_PACK_ENTRIES
+        });
+        if full {
+            self.close()?;
+        }
         if self.current.is_none() {
             let f = tempfile::NamedTempFile::new_in(self.staging).map_err(io)?;
             self.current = Some((
@@ -357,12 +425,9 @@ impl<'a> PackSink<'a> {
         let Some((w, _)) = self.current.as_mut() else {
             return Err(ConvertError::Internal("no open pack".into()));
         };
-        let e = w.append(id, len, stored, raw).map_err(io)?;
-        self.open_chunks
-            .push((id, e.offset, e.stored_len, len, raw));
-        if w.stored_bytes() >= MAX_PACK_BYTES
-            || w.len() as u64 >= tessera_format::pack::MAX_PACK_ENTRIES
-        {
+        let e = w.append_frame(chunks, stored, raw).map_err(io)?;
+        self.open_chunks.extend(e);
+        if w.stored_bytes() >= MAX_PACK_BYTES {
             self.close()?;
         }
         Ok(())
@@ -387,17 +452,8 @@ impl<'a> PackSink<'a> {
         std::thread::spawn(move || {
             let _ = file.sync_data();
         });
-        for (id, offset, stored_len, len, raw) in self.open_chunks.drain(..) {
-            self.located.insert(
-                id,
-                StoredChunk {
-                    pack: digest,
-                    offset,
-                    stored_len,
-                    len,
-                    raw,
-                },
-            );
+        for e in self.open_chunks.drain(..) {
+            self.located.insert(e.id, StoredChunk::from_toc(digest, &e));
         }
         self.done.push((digest, size));
         Ok(())
@@ -408,12 +464,14 @@ impl<'a> PackSink<'a> {
 pub type Repacked = (Vec<(Digest, u64)>, HashMap<Digest, StoredChunk>);
 
 /// Rewrite staged packs without the chunks in `drop` (the destination registry already
-/// holds them). Frames are copied as they are, never recompressed. Returns the new packs
+/// holds them). Frames that keep all their chunks are copied as they are; a frame that
+/// loses some is recompressed (at `zstd_level`) with the rest. Returns the new packs
 /// (packs left empty disappear) and the new locations of the chunks kept.
 pub fn drop_chunks(
     staging: &Path,
     packs: &[(Digest, u64)],
-    drop: &std::collections::HashSet<Digest>,
+    drop: &HashSet<Digest>,
+    zstd_level: i32,
 ) -> Result<Repacked, ConvertError> {
     let io = |context: &str, e: io::Error| ConvertError::Io {
         context: context.to_string(),
@@ -421,6 +479,7 @@ pub fn drop_chunks(
     };
     let mut out_packs = Vec::new();
     let mut located = HashMap::new();
+    let mut compressor = None;
     for (p, size) in packs {
         let path = staging.join(p.hex());
         let mut f = std::fs::File::open(&path).map_err(|e| io("reopening a staged pack", e))?;
@@ -429,34 +488,46 @@ pub fn drop_chunks(
         if !toc.iter().any(|e| drop.contains(&e.id)) {
             out_packs.push((*p, *size));
             for e in &toc {
-                located.insert(
-                    e.id,
-                    StoredChunk {
-                        pack: *p,
-                        offset: e.offset,
-                        stored_len: e.stored_len,
-                        len: e.uncompressed_len,
-                        raw: e.raw,
-                    },
-                );
+                located.insert(e.id, StoredChunk::from_toc(*p, e));
             }
             continue;
         }
-        let mut sink = PackSink {
-            staging,
-            current: None,
-            done: Vec::new(),
-            open_chunks: Vec::new(),
-            located: HashMap::new(),
-        };
+        let mut sink = PackSink::new(staging);
         let mut buf = Vec::new();
-        for e in toc.iter().filter(|e| !drop.contains(&e.id)) {
-            f.seek(io::SeekFrom::Start(e.offset))
+        for frame in tessera_format::pack::frames(&toc) {
+            let keep: Vec<&TocEntry> = frame.iter().filter(|e| !drop.contains(&e.id)).collect();
+            if keep.is_empty() {
+                continue;
+            }
+            f.seek(io::SeekFrom::Start(frame[0].offset))
                 .map_err(|err| io("reading a staged pack", err))?;
-            buf.resize(e.stored_len as usize, 0);
+            buf.resize(frame[0].stored_len as usize, 0);
             f.read_exact(&mut buf)
                 .map_err(|err| io("reading a staged pack", err))?;
-            sink.add(e.id, e.uncompressed_len, &buf, e.raw)?;
+            let ids: Vec<(Digest, u32)> = keep.iter().map(|e| (e.id, e.uncompressed_len)).collect();
+            if keep.len() == frame.len() {
+                sink.add(&ids, &buf, frame[0].raw)?;
+                continue;
+            }
+            let plain = tessera_format::pack::decode_frame(&buf, &frame[0].frame())
+                .map_err(|e| ConvertError::Internal(format!("staged pack {p}: {e}")))?;
+            let mut rest = Vec::new();
+            for e in &keep {
+                rest.extend_from_slice(
+                    &plain[e.inner as usize..(e.inner + e.uncompressed_len) as usize],
+                );
+            }
+            let c = match &mut compressor {
+                Some(c) => c,
+                None => compressor.insert(
+                    ChunkCompressor::new(zstd_level)
+                        .map_err(|e| io("creating a zstd context", e))?,
+                ),
+            };
+            let (stored, raw) = c
+                .compress(&rest)
+                .map_err(|e| io("compressing a frame", e))?;
+            sink.add(&ids, &stored, raw)?;
         }
         sink.close()?;
         std::fs::remove_file(&path).map_err(|e| io("removing a staged pack", e))?;
@@ -464,6 +535,64 @@ pub fn drop_chunks(
         located.extend(sink.located);
     }
     Ok((out_packs, located))
+}
+
+/// Write the frame of one group of chunks, without those an earlier group of the layer
+/// already wrote (then the rest is recompressed here; rare: the same content twice in a
+/// layer, in different groups). Returns the chunks written and the stored bytes.
+fn write_group(
+    sink: &mut PackSink,
+    d: &Done,
+    written: &HashMap<Digest, ()>,
+    compressor: &mut Option<ChunkCompressor>,
+    zstd_level: i32,
+) -> Result<(Vec<(Digest, u32)>, u64), ConvertError> {
+    let Some((stored, raw)) = &d.frame else {
+        return Ok((Vec::new(), 0));
+    };
+    let members: Vec<(Digest, u32)> = d
+        .chunks
+        .iter()
+        .filter(|c| c.new)
+        .map(|c| (c.id, c.len))
+        .collect();
+    if !members.iter().any(|(id, _)| written.contains_key(id)) {
+        sink.add(&members, stored, *raw)?;
+        return Ok((members, stored.len() as u64));
+    }
+    let mut keep = Vec::new();
+    let mut rest = Vec::new();
+    let mut pos = 0usize;
+    for &(id, len) in &members {
+        let piece = d
+            .plain
+            .get(pos..pos + len as usize)
+            .ok_or_else(|| ConvertError::Internal("a group's bytes are short".into()))?;
+        pos += len as usize;
+        if !written.contains_key(&id) {
+            keep.push((id, len));
+            rest.extend_from_slice(piece);
+        }
+    }
+    if keep.is_empty() {
+        return Ok((keep, 0));
+    }
+    let c =
+        match compressor {
+            Some(c) => c,
+            None => compressor.insert(ChunkCompressor::new(zstd_level).map_err(|e| {
+                ConvertError::Io {
+                    context: "creating a zstd context".into(),
+                    source: e,
+                }
+            })?),
+        };
+    let (stored, raw) = c.compress(&rest).map_err(|e| ConvertError::Io {
+        context: "compressing a frame".into(),
+        source: e,
+    })?;
+    sink.add(&keep, &stored, raw)?;
+    Ok((keep, stored.len() as u64))
 }
 
 /// Convert one layer blob. `known` says whether a chunk is already stored (dictionary,
@@ -502,29 +631,36 @@ pub fn convert_layer(
                     // A panic here must not leave the writer waiting for this sequence
                     // number forever: it becomes an error for the whole layer.
                     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let id = Digest::of(&w.data);
-                        let len = w.data.len() as u32;
-                        if known(&id) {
-                            Ok(Done {
-                                seq: w.seq,
+                        let mut chunks = Vec::with_capacity(w.chunks.len());
+                        let mut plain = Vec::new();
+                        let mut in_group = HashSet::new();
+                        for data in &w.chunks {
+                            let id = Digest::of(data);
+                            let new = !known(&id) && in_group.insert(id);
+                            if new {
+                                plain.extend_from_slice(data);
+                            }
+                            chunks.push(DoneChunk {
                                 id,
-                                len,
-                                stored: None,
-                            })
-                        } else {
-                            compressor
-                                .compress(&w.data)
-                                .map(|s| Done {
-                                    seq: w.seq,
-                                    id,
-                                    len,
-                                    stored: Some(s),
-                                })
-                                .map_err(|e| ConvertError::Io {
-                                    context: "compressing a chunk".into(),
-                                    source: e,
-                                })
+                                len: data.len() as u32,
+                                new,
+                            });
                         }
+                        drop(w.chunks);
+                        let frame = if plain.is_empty() {
+                            None
+                        } else {
+                            Some(compressor.compress(&plain).map_err(|e| ConvertError::Io {
+                                context: "compressing a frame".into(),
+                                source: e,
+                            })?)
+                        };
+                        Ok(Done {
+                            seq: w.seq,
+                            chunks,
+                            plain,
+                            frame,
+                        })
                     }))
                     .unwrap_or_else(|_| {
                         Err(ConvertError::Internal(
@@ -552,13 +688,8 @@ pub fn convert_layer(
         });
 
         // Writer: results in sequence order.
-        let mut sink = PackSink {
-            staging,
-            current: None,
-            done: Vec::new(),
-            open_chunks: Vec::new(),
-            located: HashMap::new(),
-        };
+        let mut sink = PackSink::new(staging);
+        let mut own_compressor: Option<ChunkCompressor> = None;
         let mut reorder: BTreeMap<u64, Done> = BTreeMap::new();
         let mut next = 0u64;
         let mut ids: Vec<Digest> = Vec::new();
@@ -584,14 +715,21 @@ pub fn convert_layer(
             };
             reorder.insert(d.seq, d);
             while let Some(d) = reorder.remove(&next) {
-                next += 1;
+                next += d.chunks.len() as u64;
                 let _ = permit_rx.recv();
-                ids.push(d.id);
-                if seen_new.contains_key(&d.id) {
-                    continue;
-                }
-                if let Some((stored, raw)) = &d.stored {
-                    if let Err(e) = sink.add(d.id, d.len, stored, *raw) {
+                ids.extend(d.chunks.iter().map(|c| c.id));
+                let written =
+                    write_group(&mut sink, &d, &seen_new, &mut own_compressor, zstd_level);
+                match written {
+                    Ok((members, stored_len)) => {
+                        for (id, len) in members {
+                            seen_new.insert(id, ());
+                            stats.new_chunks += 1;
+                            stats.new_bytes += len as u64;
+                        }
+                        stats.new_stored_bytes += stored_len;
+                    }
+                    Err(e) => {
                         failure = Some(e);
                         stop.store(true, Ordering::Relaxed);
                         for _ in 0..reorder.len() {
@@ -600,10 +738,6 @@ pub fn convert_layer(
                         reorder.clear();
                         break;
                     }
-                    seen_new.insert(d.id, ());
-                    stats.new_chunks += 1;
-                    stats.new_bytes += d.len as u64;
-                    stats.new_stored_bytes += stored.len() as u64;
                 }
             }
         }
@@ -676,6 +810,120 @@ mod tests {
             Some((i64::MAX, 999_999_999))
         );
         assert_eq!(parse_pax_time(b"99999999999999999999"), None);
+    }
+
+    fn tar_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn text(i: usize, len: usize) -> Vec<u8> {
+        let mut v = Vec::new();
+        let mut j = 0;
+        while v.len() < len {
+            v.extend_from_slice(format!("file {i} line {j}: some text to compress\n").as_bytes());
+            j += 1;
+        }
+        v.truncate(len);
+        v
+    }
+
+    fn convert(tar: &[u8], staging: &Path, threads: usize) -> LayerOutput {
+        convert_layer(
+            Box::new(std::io::Cursor::new(tar.to_vec())),
+            LayerCompression::None,
+            &|_| false,
+            staging,
+            threads,
+            3,
+        )
+        .unwrap()
+    }
+
+    /// Every chunk of the staged packs, verified, by id.
+    fn staged(staging: &Path, packs: &[(Digest, u64)]) -> HashMap<Digest, TocEntry> {
+        let mut all = HashMap::new();
+        for (p, _) in packs {
+            let mut f = std::fs::File::open(staging.join(p.hex())).unwrap();
+            for e in tessera_format::pack::verify_pack(&mut f).unwrap() {
+                assert!(all.insert(e.id, e).is_none(), "chunk {} stored twice", e.id);
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn small_chunks_share_frames_and_repeats_are_stored_once() {
+        let mut files: Vec<(String, Vec<u8>)> = (0..60)
+            .map(|i| (format!("f{i:02}"), text(i, 9_000 + i * 10)))
+            .collect();
+        // The same content in a later group, and within one group.
+        files.push(("again".into(), text(3, 9_030)));
+        files.push(("big".into(), text(99, 600_000)));
+        files.push(("twin-a".into(), text(77, 5_000)));
+        files.push(("twin-b".into(), text(77, 5_000)));
+        let tar = tar_of(&files);
+        let dir = tempfile::tempdir().unwrap();
+        let out = convert(&tar, dir.path(), 2);
+        let toc = staged(dir.path(), &out.packs);
+        assert_eq!(toc.len(), out.new_chunks.len());
+        assert_eq!(out.stats.new_chunks as usize, out.new_chunks.len());
+        for (id, loc) in &out.new_chunks {
+            assert_eq!(*loc, StoredChunk::from_toc(loc.pack, &toc[id]));
+            assert!(loc.frame_len as usize <= MAX_FRAME);
+        }
+        let frames: HashSet<u64> = toc.values().map(|e| e.offset).collect();
+        assert!(
+            frames.len() * 4 < toc.len(),
+            "{} frames for {} chunks: small chunks are not grouped",
+            frames.len(),
+            toc.len()
+        );
+        // Stored bytes count each frame once.
+        let stored: u64 = toc
+            .values()
+            .map(|e| (e.offset, e.stored_len))
+            .collect::<HashMap<_, _>>()
+            .values()
+            .map(|&n| n as u64)
+            .sum();
+        assert_eq!(out.stats.new_stored_bytes, stored);
+        // The same output whatever the thread count.
+        let dir1 = tempfile::tempdir().unwrap();
+        assert_eq!(convert(&tar, dir1.path(), 1).packs, out.packs);
+    }
+
+    #[test]
+    fn dropping_some_chunks_of_a_frame_recompresses_the_rest() {
+        let files: Vec<(String, Vec<u8>)> = (0..12)
+            .map(|i| (format!("f{i:02}"), text(i, 7_000)))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let out = convert(&tar_of(&files), dir.path(), 2);
+        let toc = staged(dir.path(), &out.packs);
+        let first = toc.values().find(|e| e.inner > 0).unwrap();
+        let drop: HashSet<Digest> = [first.id].into_iter().collect();
+        let (packs, located) = drop_chunks(dir.path(), &out.packs, &drop, 3).unwrap();
+        let after = staged(dir.path(), &packs);
+        assert_eq!(after.len(), toc.len() - 1);
+        assert!(!after.contains_key(&first.id));
+        for (id, loc) in &located {
+            assert_eq!(*loc, StoredChunk::from_toc(loc.pack, &after[id]));
+        }
+        // Dropping every chunk leaves no pack.
+        let all: HashSet<Digest> = after.keys().copied().collect();
+        let (packs, located) = drop_chunks(dir.path(), &packs, &all, 3).unwrap();
+        assert!(packs.is_empty() && located.is_empty());
     }
 
     #[test]

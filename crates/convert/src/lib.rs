@@ -131,13 +131,9 @@ impl Dictionary {
         for img in &images {
             for c in &img.index.chunks {
                 let pack = img.index.packs[c.pack as usize];
-                self.chunks.entry(c.id).or_insert(StoredChunk {
-                    pack,
-                    offset: c.offset,
-                    stored_len: c.stored_len,
-                    len: c.len,
-                    raw: c.raw,
-                });
+                self.chunks
+                    .entry(c.id)
+                    .or_insert(StoredChunk::from_toc(pack, &c.toc_entry()));
             }
             for (d, desc) in &img.packs {
                 self.packs
@@ -177,6 +173,8 @@ impl Dictionary {
                 pack: c.pack,
                 offset: c.offset,
                 stored_len: c.stored_len,
+                frame_len: c.frame_len,
+                inner: c.inner,
                 len: c.len,
                 raw: c.raw,
             });
@@ -298,16 +296,21 @@ impl<'a> Converter<'a> {
         }
         self.dict.add_remote(self.dst, &found)?;
         let drop: std::collections::HashSet<Digest> = found.iter().map(|(id, _)| *id).collect();
-        let (packs, located) = layer::drop_chunks(staging, &out.packs, &drop)?;
+        let (packs, located) =
+            layer::drop_chunks(staging, &out.packs, &drop, self.opts.zstd_level)?;
         let dropped_bytes: u64 = found.iter().map(|(_, c)| u64::from(c.len)).sum();
         out.packs = packs;
         out.new_chunks = located;
         out.stats.new_chunks = out.new_chunks.len() as u64;
         out.stats.new_bytes = out.stats.new_bytes.saturating_sub(dropped_bytes);
+        // Each frame once, however many chunks it holds.
         out.stats.new_stored_bytes = out
             .new_chunks
             .values()
-            .map(|c| u64::from(c.stored_len))
+            .map(|c| ((c.pack, c.offset), c.stored_len))
+            .collect::<HashMap<_, _>>()
+            .values()
+            .map(|&n| u64::from(n))
             .sum();
         rep.registry_dedup_chunks += found.len() as u64;
         rep.registry_dedup_bytes += dropped_bytes;

@@ -1,18 +1,20 @@
 //! The image index: the merged filesystem tree with per-file chunk lists.
 //!
-//! Encoding (version 1): `"TSRINDEX"` | version u32 LE | body length u64 LE | one zstd
-//! frame holding the postcard encoding of [`Index`]. The encoding is canonical: entries
+//! Encoding (version 2, and 1 for reading): `"TSRINDEX"` | version u32 LE | body length
+//! u64 LE | one zstd frame holding the postcard encoding of [`Index`] (version 1 chunk
+//! locations lack `frame_len` and `inner`). The encoding is canonical: entries
 //! are in depth-first pre-order with siblings sorted by name bytes, chunks sorted by id,
 //! packs sorted by digest, and hardlink groups point at their first member in that order,
 //! so the same tree always gives the same bytes. See docs/format.md.
 
-use crate::pack::check_location;
+use crate::pack::{check_location, Frame, TocEntry};
 use crate::Digest;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 pub const INDEX_MAGIC: &[u8; 8] = b"TSRINDEX";
-pub const INDEX_VERSION: u32 = 1;
+/// The index version this crate writes (it reads 1 and 2).
+pub const INDEX_VERSION: u32 = 2;
 const HEADER_LEN: usize = 20;
 /// Largest decoded index body accepted (bounds memory on hostile input).
 pub const MAX_INDEX_BODY: u64 = 512 << 20;
@@ -77,6 +79,9 @@ fn de_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::E
 fn de_chunks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ChunkLoc>, D::Error> {
     bounded(d, MAX_CHUNKS, "chunks")
 }
+fn de_chunks_v1<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ChunkLocV1>, D::Error> {
+    bounded(d, MAX_CHUNKS, "chunks")
+}
 fn de_packs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Digest>, D::Error> {
     bounded(d, MAX_PACKS, "packs")
 }
@@ -93,7 +98,7 @@ const INDEX_ZSTD_LEVEL: i32 = 9;
 pub enum IndexError {
     #[error("index is truncated or not a tessera index (bad header)")]
     BadHeader,
-    #[error("index format version {0} is not supported (this build reads version {INDEX_VERSION}); upgrade tessera")]
+    #[error("index format version {0} is not supported (this build reads versions 1 and {INDEX_VERSION}); upgrade tessera")]
     Version(u32),
     #[error("index body of {0} bytes exceeds the limit of {MAX_INDEX_BODY}")]
     TooLarge(u64),
@@ -161,16 +166,98 @@ pub struct Entry {
     pub node: Node,
 }
 
-/// Where a chunk is stored.
+/// Where a chunk is stored: the frame of a pack that holds it (`offset`, `stored_len`,
+/// `frame_len`, `raw`) and its place in the decoded frame (`inner`, `len`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkLoc {
     pub id: Digest,
     /// Index into [`Index::packs`].
     pub pack: u32,
+    /// Offset of the frame in the pack.
     pub offset: u64,
+    /// Length of the frame in the pack.
     pub stored_len: u32,
+    /// Length of the decoded frame.
+    pub frame_len: u32,
+    /// Offset of the chunk in the decoded frame.
+    pub inner: u32,
+    /// Length of the chunk.
     pub len: u32,
     pub raw: bool,
+}
+
+impl ChunkLoc {
+    /// The frame that holds this chunk.
+    pub fn frame(&self) -> Frame {
+        Frame {
+            stored_len: self.stored_len,
+            frame_len: self.frame_len,
+            raw: self.raw,
+        }
+    }
+
+    /// The pack TOC entry this location mirrors.
+    pub fn toc_entry(&self) -> TocEntry {
+        TocEntry {
+            id: self.id,
+            offset: self.offset,
+            stored_len: self.stored_len,
+            frame_len: self.frame_len,
+            inner: self.inner,
+            uncompressed_len: self.len,
+            raw: self.raw,
+        }
+    }
+
+    /// Whether `other` is stored in the same frame (of the same pack).
+    pub fn same_frame(&self, other: &ChunkLoc) -> bool {
+        self.pack == other.pack && self.offset == other.offset
+    }
+}
+
+/// A version 1 chunk location: alone in its frame.
+#[derive(Deserialize)]
+struct ChunkLocV1 {
+    id: Digest,
+    pack: u32,
+    offset: u64,
+    stored_len: u32,
+    len: u32,
+    raw: bool,
+}
+
+/// A version 1 index body.
+#[derive(Deserialize)]
+struct IndexV1 {
+    #[serde(deserialize_with = "de_packs")]
+    packs: Vec<Digest>,
+    #[serde(deserialize_with = "de_chunks_v1")]
+    chunks: Vec<ChunkLocV1>,
+    #[serde(deserialize_with = "de_entries")]
+    entries: Vec<Entry>,
+}
+
+impl From<IndexV1> for Index {
+    fn from(v: IndexV1) -> Index {
+        Index {
+            packs: v.packs,
+            chunks: v
+                .chunks
+                .into_iter()
+                .map(|c| ChunkLoc {
+                    id: c.id,
+                    pack: c.pack,
+                    offset: c.offset,
+                    stored_len: c.stored_len,
+                    frame_len: c.len,
+                    inner: 0,
+                    len: c.len,
+                    raw: c.raw,
+                })
+                .collect(),
+            entries: v.entries,
+        }
+    }
 }
 
 /// A decoded, validated index.
@@ -206,7 +293,7 @@ impl Index {
         let mut v = [0u8; 4];
         v.copy_from_slice(&bytes[8..12]);
         let version = u32::from_le_bytes(v);
-        if version != INDEX_VERSION {
+        if version != 1 && version != INDEX_VERSION {
             return Err(IndexError::Version(version));
         }
         let mut l = [0u8; 8];
@@ -227,8 +314,13 @@ impl Index {
                 body.len()
             )));
         }
-        let (index, rest): (Index, &[u8]) =
-            postcard::take_from_bytes(&body).map_err(|e| IndexError::Decode(e.to_string()))?;
+        let (index, rest): (Index, &[u8]) = if version == 1 {
+            let (v1, rest): (IndexV1, &[u8]) =
+                postcard::take_from_bytes(&body).map_err(|e| IndexError::Decode(e.to_string()))?;
+            (v1.into(), rest)
+        } else {
+            postcard::take_from_bytes(&body).map_err(|e| IndexError::Decode(e.to_string()))?
+        };
         if !rest.is_empty() {
             return Err(IndexError::Decode(format!("{} trailing bytes", rest.len())));
         }
@@ -247,6 +339,8 @@ impl Index {
         if self.chunks.windows(2).any(|w| w[0].id >= w[1].id) {
             return invalid("chunk list is not strictly sorted by id");
         }
+        // Chunks that share a frame must agree on it.
+        let mut frames: HashMap<(u32, u64), Frame> = HashMap::new();
         for c in &self.chunks {
             if c.pack as usize >= self.packs.len() {
                 return invalid(format!(
@@ -256,10 +350,16 @@ impl Index {
                     self.packs.len()
                 ));
             }
-            check_location(c.stored_len, c.len, c.raw)
+            check_location(&c.frame(), c.inner, c.len)
                 .map_err(|e| IndexError::Invalid(format!("chunk {}: {e}", c.id)))?;
             if c.offset.checked_add(c.stored_len as u64).is_none() {
                 return invalid("chunk offset overflows");
+            }
+            if *frames.entry((c.pack, c.offset)).or_insert(c.frame()) != c.frame() {
+                return invalid(format!(
+                    "chunk {} disagrees with another chunk of its frame on the frame's shape",
+                    c.id
+                ));
             }
         }
         let Some(root) = self.entries.first() else {
@@ -469,14 +569,44 @@ pub enum TreeKind {
 /// depth-first order).
 pub type Tree = BTreeMap<Vec<Vec<u8>>, TreeNode>;
 
-/// Where a chunk is stored, by pack digest.
+/// Where a chunk is stored, by pack digest (fields as in [`ChunkLoc`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct StoredChunk {
     pub pack: Digest,
     pub offset: u64,
     pub stored_len: u32,
+    pub frame_len: u32,
+    pub inner: u32,
     pub len: u32,
     pub raw: bool,
+}
+
+impl StoredChunk {
+    /// The location of the chunk of TOC entry `e` of pack `pack`.
+    pub fn from_toc(pack: Digest, e: &TocEntry) -> StoredChunk {
+        StoredChunk {
+            pack,
+            offset: e.offset,
+            stored_len: e.stored_len,
+            frame_len: e.frame_len,
+            inner: e.inner,
+            len: e.uncompressed_len,
+            raw: e.raw,
+        }
+    }
+
+    /// A chunk alone in its frame (as every version 1 chunk is).
+    pub fn alone(pack: Digest, offset: u64, stored_len: u32, len: u32, raw: bool) -> StoredChunk {
+        StoredChunk {
+            pack,
+            offset,
+            stored_len,
+            frame_len: len,
+            inner: 0,
+            len,
+            raw,
+        }
+    }
 }
 
 /// Build the canonical index of a tree. `tree` is keyed by path components (its
@@ -522,6 +652,8 @@ pub fn build_index(
             pack: pack_idx[&l.pack],
             offset: l.offset,
             stored_len: l.stored_len,
+            frame_len: l.frame_len,
+            inner: l.inner,
             len: l.len,
             raw: l.raw,
         });
@@ -643,26 +775,8 @@ mod tests {
         let c2 = Digest::of(b"two");
         let pack = Digest::of(b"pack");
         let mut locs = HashMap::new();
-        locs.insert(
-            c1,
-            StoredChunk {
-                pack,
-                offset: 0,
-                stored_len: 3,
-                len: 3,
-                raw: true,
-            },
-        );
-        locs.insert(
-            c2,
-            StoredChunk {
-                pack,
-                offset: 3,
-                stored_len: 3,
-                len: 3,
-                raw: true,
-            },
-        );
+        locs.insert(c1, StoredChunk::alone(pack, 0, 3, 3, true));
+        locs.insert(c2, StoredChunk::alone(pack, 3, 3, 3, true));
         let mut t = BTreeMap::new();
         let p = |s: &str| {
             s.split('/')
@@ -804,6 +918,136 @@ mod tests {
         assert!(matches!(Index::decode(&v), Err(IndexError::Version(9))));
     }
 
+    fn blob(version: u32, body: &[u8]) -> Vec<u8> {
+        let mut bytes = INDEX_MAGIC.to_vec();
+        bytes.extend_from_slice(&version.to_le_bytes());
+        bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&zstd::bulk::compress(body, 3).unwrap());
+        bytes
+    }
+
+    fn golden_tree(files: &[(&str, &[u8])]) -> Tree {
+        let mut t = BTreeMap::new();
+        for (name, _) in files {
+            let content: &[u8] = files.iter().find(|f| f.0 == *name).map(|f| f.1).unwrap();
+            t.insert(
+                vec![name.as_bytes().to_vec()],
+                TreeNode {
+                    meta: Meta {
+                        mode: 0o644,
+                        mtime: 1_700_000_000,
+                        ..Meta::default()
+                    },
+                    kind: TreeKind::File {
+                        size: content.len() as u64,
+                        chunks: vec![Digest::of(content)],
+                    },
+                    link_group: None,
+                },
+            );
+        }
+        t
+    }
+
+    /// Appendix B.2 of docs/format.md: a version 1 index body still reads, its chunk
+    /// alone in its frame.
+    #[test]
+    fn golden_v1_index_reads() {
+        let body = crate::pack::tests::unhex(concat!(
+            "012212bc835c2163be869f5492a692bbdae174d02d64fb09bfc93a711916c1fdc0015891b5b522d5df08",
+            "6d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03000006060102000000ed0300000000000005",
+            "68656c6c6f01a403000080c49fd50c0000060100"
+        ));
+        let idx = Index::decode(&blob(1, &body)).unwrap();
+        let pack = Digest::of(b"");
+        let hello = Digest::of(b"hello\n");
+        let mut want = build_index(&golden_tree(&[("hello", b"hello\n")]), &|_| {
+            Some(StoredChunk::alone(pack, 0, 6, 6, true))
+        })
+        .unwrap();
+        want.packs = idx.packs.clone();
+        assert_eq!(idx, want);
+        assert_eq!(idx.chunks[0].id, hello);
+        assert_eq!((idx.chunks[0].inner, idx.chunks[0].frame_len), (0, 6));
+    }
+
+    /// Appendix B.3 of docs/format.md: a version 2 index body, byte for byte: two files
+    /// whose chunks share one raw frame.
+    #[test]
+    fn golden_v2_index() {
+        let pack = crate::pack::tests::GOLDEN_V2_PACK
+            .parse::<Digest>()
+            .unwrap();
+        let hello = Digest::of(b"hello\n");
+        let idx = build_index(
+            &golden_tree(&[("hello", b"hello\n"), ("world", b"world\n")]),
+            &|d| {
+                let inner = if *d == hello { 0 } else { 6 };
+                Some(StoredChunk {
+                    pack,
+                    offset: 0,
+                    stored_len: 12,
+                    frame_len: 12,
+                    inner,
+                    len: 6,
+                    raw: true,
+                })
+            },
+        )
+        .unwrap();
+        let bytes = idx.encode().unwrap();
+        let body = postcard::to_stdvec(&idx).unwrap();
+        assert_eq!(
+            &bytes[8..20],
+            &[
+                &2u32.to_le_bytes()[..],
+                &(body.len() as u64).to_le_bytes()[..]
+            ]
+            .concat()[..]
+        );
+        let want = crate::pack::tests::unhex(concat!(
+            "013365fa0abe9acdfae9ad17096a5be07c11153e6ea36dc54a63357a4dc669f39b",
+            "025891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03",
+            "00000c0c000601",
+            "e258d248fda94c63753607f7c4494ee0fcbe92f1a76bfdac795c9d84101eb317",
+            "00000c0c060601",
+            "03000000ed030000000000",
+            "000568656c6c6f01a403000080c49fd50c0000060100",
+            "0005776f726c6401a403000080c49fd50c0000060101"
+        ));
+        assert_eq!(body, want);
+        assert_eq!(Index::decode(&bytes).unwrap(), idx);
+    }
+
+    #[test]
+    fn chunks_of_one_frame_must_agree_on_it() {
+        let pack = Digest::of(b"p");
+        let hello = Digest::of(b"hello\n");
+        let idx = build_index(
+            &golden_tree(&[("hello", b"hello\n"), ("world", b"world\n")]),
+            &|d| {
+                let inner = if *d == hello { 0 } else { 6 };
+                Some(StoredChunk {
+                    pack,
+                    offset: 0,
+                    stored_len: 12,
+                    frame_len: 12,
+                    inner,
+                    len: 6,
+                    raw: true,
+                })
+            },
+        )
+        .unwrap();
+        let mut bad = idx.clone();
+        bad.chunks[1].frame_len = 13;
+        bad.chunks[1].stored_len = 13;
+        assert!(bad.validate().is_err());
+        let mut bad = idx.clone();
+        bad.chunks[1].inner = 7;
+        assert!(bad.validate().is_err(), "past the frame's end");
+    }
+
     #[test]
     fn hostile_lengths_fail_before_allocating() {
         // Body: 0 packs, 0 chunks, then an entry count far above the limit.
@@ -867,7 +1111,7 @@ mod tests {
                 let meta = Meta { mode: id & 0o7777, uid: id, gid: id / 3, mtime: mt, mtime_nsec: id % 1_000_000_000, xattrs: vec![(n.clone(), d.clone())] };
                 t.insert(vec![d, n], TreeNode { meta, kind, link_group: if k == 0 { Some(7) } else { None } });
             }
-            let idx = build_index(&t, &|_| Some(StoredChunk { pack, offset: 0, stored_len: 1, len: 1, raw: true })).unwrap();
+            let idx = build_index(&t, &|_| Some(StoredChunk::alone(pack, 0, 1, 1, true))).unwrap();
             let bytes = idx.encode().unwrap();
             let back = Index::decode(&bytes).unwrap();
             prop_assert_eq!(&back, &idx);

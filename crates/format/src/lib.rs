@@ -18,4 +18,4 @@ pub mod pack;
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher, OciDigest};
 
 /// Version of the tessera format written by this crate (index and pack).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;

@@ -114,7 +114,15 @@ pub fn summarize(img: &TesseraImage, dictionary: Option<&HashSet<Digest>>) -> Su
         chunk_refs: refs,
         chunks: idx.chunks.len() as u64,
         unique_bytes: idx.chunks.iter().map(|c| c.len as u64).sum(),
-        stored_bytes: idx.chunks.iter().map(|c| c.stored_len as u64).sum(),
+        // Each frame once, however many of the image's chunks it holds.
+        stored_bytes: idx
+            .chunks
+            .iter()
+            .map(|c| ((c.pack, c.offset), c.stored_len))
+            .collect::<std::collections::HashMap<_, _>>()
+            .values()
+            .map(|&n| n as u64)
+            .sum(),
         packs,
         index_bytes_per_entry: img.index_desc.size as f64 / entries.max(1) as f64,
         dictionary,

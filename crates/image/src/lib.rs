@@ -8,7 +8,7 @@ pub mod unpack;
 use std::collections::BTreeMap;
 use std::io::Read;
 use tessera_format::index::{ChunkLoc, Index, IndexError};
-use tessera_format::pack::{decode_chunk, PackError, TocEntry};
+use tessera_format::pack::{check_location, chunk_in_frame, decode_frame, PackError, TocEntry};
 use tessera_format::{media, Digest};
 use tessera_oci::manifest::{self, Descriptor, ImageManifest, Parsed};
 use tessera_oci::{OciError, Store};
@@ -222,13 +222,7 @@ impl TesseraImage {
 
     /// The TOC-shaped location of a chunk.
     pub fn toc_entry(&self, c: &ChunkLoc) -> TocEntry {
-        TocEntry {
-            id: c.id,
-            offset: c.offset,
-            stored_len: c.stored_len,
-            uncompressed_len: c.len,
-            raw: c.raw,
-        }
+        c.toc_entry()
     }
 }
 
@@ -264,16 +258,21 @@ impl<'a> ChunkReader<'a> {
         while i < ids.len() {
             let first = &chunks[ids[i] as usize];
             let mut j = i + 1;
+            let mut last = first;
             let mut end = first.offset + first.stored_len as u64;
             while j < ids.len() {
                 let c = &chunks[ids[j] as usize];
-                if c.pack != first.pack
-                    || c.offset != end
-                    || end - first.offset + c.stored_len as u64 > self.max_read
+                if !c.same_frame(last)
+                    && (c.pack != first.pack
+                        || c.offset != end
+                        || end - first.offset + c.stored_len as u64 > self.max_read)
                 {
                     break;
                 }
-                end += c.stored_len as u64;
+                if !c.same_frame(last) {
+                    end += c.stored_len as u64;
+                }
+                last = c;
                 j += 1;
             }
             let pack = self.image.index.packs[first.pack as usize];
@@ -281,11 +280,23 @@ impl<'a> ChunkReader<'a> {
                 .store
                 .read_range(&pack, first.offset, end - first.offset)?;
             self.fetched += buf.len() as u64;
+            // The decoded frame of the previous chunk: chunks of one frame decode it once.
+            let mut frame: Option<(u64, Vec<u8>)> = None;
             for &id in &ids[i..j] {
                 let c = &chunks[id as usize];
-                let s = (c.offset - first.offset) as usize;
-                let data =
-                    decode_chunk(&buf[s..s + c.stored_len as usize], &self.image.toc_entry(c))?;
+                let corrupt = |why: String| PackError::CorruptChunk { id: c.id, why };
+                if frame.as_ref().is_none_or(|(o, _)| *o != c.offset) {
+                    let s = (c.offset - first.offset) as usize;
+                    let stored = buf
+                        .get(s..s + c.stored_len as usize)
+                        .ok_or_else(|| corrupt("the store returned a short range".into()))?;
+                    check_location(&c.frame(), c.inner, c.len).map_err(corrupt)?;
+                    frame = Some((c.offset, decode_frame(stored, &c.frame()).map_err(corrupt)?));
+                }
+                let Some((_, plain)) = &frame else {
+                    continue;
+                };
+                let data = chunk_in_frame(plain, &c.id, c.inner, c.len).map_err(corrupt)?;
                 sink(id, &data)?;
             }
             i = j;

@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use tessera_format::pack::decode_chunk;
+use tessera_format::pack::{check_location, chunk_in_frame, decode_frame};
 use tessera_image::TesseraImage;
 use tessera_oci::{OciError, RangeRead, Store};
 
@@ -272,6 +272,42 @@ struct Queue {
     closed: bool,
 }
 
+/// The latest frame decoded while splitting a fetched range: the chunks of one frame
+/// decode it once.
+#[derive(Default)]
+struct FrameCache {
+    /// (pack, frame offset) and the decoded frame, or why it did not decode.
+    last: Option<(FrameKey, Result<Vec<u8>, String>)>,
+}
+
+/// A frame: (pack, offset in the pack).
+type FrameKey = (u32, u64);
+
+impl FrameCache {
+    /// The verified bytes of chunk `loc` whose frame's stored bytes are `stored`.
+    fn chunk(
+        &mut self,
+        loc: &tessera_format::index::ChunkLoc,
+        stored: Option<&[u8]>,
+    ) -> Result<Vec<u8>, String> {
+        let key = (loc.pack, loc.offset);
+        if self.last.as_ref().is_none_or(|(k, _)| *k != key) {
+            let decoded = stored
+                .ok_or_else(|| "short range".to_string())
+                .and_then(|b| {
+                    check_location(&loc.frame(), loc.inner, loc.len)?;
+                    decode_frame(b, &loc.frame())
+                });
+            self.last = Some((key, decoded));
+        }
+        match &self.last {
+            Some((_, Ok(plain))) => chunk_in_frame(plain, &loc.id, loc.inner, loc.len),
+            Some((_, Err(e))) => Err(e.clone()),
+            None => Err("no frame".into()),
+        }
+    }
+}
+
 pub struct Fetcher {
     /// Verified chunks on their way into the node store (served from here meanwhile).
     pending: Mutex<HashMap<u32, Arc<[u8]>>>,
@@ -350,7 +386,7 @@ impl Fetcher {
         let mut pack_order: Vec<u32> = (0..image.index.chunks.len() as u32).collect();
         pack_order.sort_by_key(|&c| {
             let l = &image.index.chunks[c as usize];
-            (l.pack, l.offset)
+            (l.pack, l.offset, l.inner)
         });
         let mut pack_pos = vec![0u32; pack_order.len()];
         for (p, &c) in pack_order.iter().enumerate() {
@@ -813,36 +849,57 @@ impl Fetcher {
     }
 
     fn amplify(&self, missing: &[u32]) -> Vec<u32> {
-        if self.opts.amplify == 0 || !self.link_is_fast() {
-            return Vec::new();
-        }
         let chunks = &self.image.index.chunks;
         let mut extra = Vec::new();
         let mut taken: HashSet<u32> = missing.iter().copied().collect();
+        let mut take = |c: u32, extra: &mut Vec<u32>| {
+            if taken.insert(c)
+                && self.recent(c).is_none()
+                && !self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&c)
+                && !self.store.contains(&chunks[c as usize].id)
+            {
+                extra.push(c);
+            }
+        };
+        // The other chunks of each missing chunk's frame come with it for free.
         for &m in missing {
             let first = &chunks[m as usize];
-            let mut end = first.offset + first.stored_len as u64;
-            let mut p = self.pack_pos[m as usize] as usize + 1;
-            while end - first.offset < self.opts.amplify {
-                let Some(&c) = self.pack_order.get(p) else {
-                    break;
-                };
-                let loc = &chunks[c as usize];
-                if loc.pack != first.pack || loc.offset != end {
-                    break;
-                }
-                end += loc.stored_len as u64;
-                p += 1;
-                if taken.insert(c)
-                    && self.recent(c).is_none()
-                    && !self
-                        .pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .contains_key(&c)
-                    && !self.store.contains(&loc.id)
-                {
-                    extra.push(c);
+            let at = self.pack_pos[m as usize] as usize;
+            let before = self.pack_order[..at]
+                .iter()
+                .rev()
+                .take_while(|&&c| chunks[c as usize].same_frame(first));
+            let after = self.pack_order[at + 1..]
+                .iter()
+                .take_while(|&&c| chunks[c as usize].same_frame(first));
+            for &c in before.chain(after) {
+                take(c, &mut extra);
+            }
+        }
+        if self.opts.amplify > 0 && self.link_is_fast() {
+            for &m in missing {
+                let first = &chunks[m as usize];
+                let mut last = first;
+                let mut end = first.offset + first.stored_len as u64;
+                let mut p = self.pack_pos[m as usize] as usize + 1;
+                while end - first.offset < self.opts.amplify {
+                    let Some(&c) = self.pack_order.get(p) else {
+                        break;
+                    };
+                    let loc = &chunks[c as usize];
+                    if !loc.same_frame(last) {
+                        if loc.pack != first.pack || loc.offset != end {
+                            break;
+                        }
+                        end += loc.stored_len as u64;
+                    }
+                    last = loc;
+                    p += 1;
+                    take(c, &mut extra);
                 }
             }
         }
@@ -970,22 +1027,26 @@ impl Fetcher {
     fn fetch(&self, lead: &[u32]) -> Vec<(u32, Outcome)> {
         let chunks = &self.image.index.chunks;
         let mut sorted = lead.to_vec();
-        sorted.sort_by_key(|&c| (chunks[c as usize].pack, chunks[c as usize].offset));
+        sorted.sort_by_key(|&c| self.pack_pos[c as usize]);
         let mut out = Vec::with_capacity(sorted.len());
         let mut i = 0;
         while i < sorted.len() {
             let first = &chunks[sorted[i] as usize];
+            let mut last = first;
             let mut end = first.offset + first.stored_len as u64;
             let mut j = i + 1;
             while j < sorted.len() {
                 let c = &chunks[sorted[j] as usize];
-                if c.pack != first.pack
-                    || c.offset != end
-                    || end - first.offset + c.stored_len as u64 > self.opts.max_range
-                {
-                    break;
+                if !c.same_frame(last) {
+                    if c.pack != first.pack
+                        || c.offset != end
+                        || end - first.offset + c.stored_len as u64 > self.opts.max_range
+                    {
+                        break;
+                    }
+                    end += c.stored_len as u64;
                 }
-                end += c.stored_len as u64;
+                last = c;
                 j += 1;
             }
             let run = &sorted[i..j];
@@ -1000,10 +1061,12 @@ impl Fetcher {
                     }
                 }
                 Ok(Got::Range(buf)) => {
+                    let mut frame = FrameCache::default();
                     for &c in run {
                         let loc = &chunks[c as usize];
                         let s = (loc.offset - first.offset) as usize;
-                        let outcome = self.decode(loc, buf.get(s..s + loc.stored_len as usize));
+                        let outcome =
+                            self.decode(loc, buf.get(s..s + loc.stored_len as usize), &mut frame);
                         if let Ok(d) = &outcome {
                             self.persist(c, d);
                             self.remember(c, d);
@@ -1027,12 +1090,16 @@ impl Fetcher {
         out
     }
 
-    /// A fetched chunk from its stored bytes (None: not in what the registry sent),
-    /// decoded and verified; counted, and a failure logged (it is never cached).
-    fn decode(&self, loc: &tessera_format::index::ChunkLoc, stored: Option<&[u8]>) -> Outcome {
-        let decoded = stored
-            .ok_or_else(|| "short range".to_string())
-            .and_then(|b| decode_chunk(b, &self.image.toc_entry(loc)).map_err(|e| e.to_string()));
+    /// A fetched chunk from the stored bytes of its frame (None: not in what the
+    /// registry sent), decoded (once per frame: `frame` keeps the latest) and verified;
+    /// counted, and a failure logged (it is never cached).
+    fn decode(
+        &self,
+        loc: &tessera_format::index::ChunkLoc,
+        stored: Option<&[u8]>,
+        frame: &mut FrameCache,
+    ) -> Outcome {
+        let decoded = frame.chunk(loc, stored);
         match decoded {
             Ok(data) => {
                 self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
@@ -1187,28 +1254,33 @@ impl Fetcher {
         };
         let mut pos = 0u64;
         let mut buf = Vec::new();
+        let mut frame = FrameCache::default();
+        let mut last: Option<&tessera_format::index::ChunkLoc> = None;
         let io = |e: std::io::Error| format!("reading pack {digest}: {e}");
         for &c in self.pack_order[start..]
             .iter()
             .take_while(|&&c| chunks[c as usize].pack == pack)
         {
             let loc = &chunks[c as usize];
-            if loc.offset < pos {
-                // Overlaps the previous chunk: not a pack this index describes.
-                if wanted.contains(&c) {
-                    got.insert(c, Err(Failure::Corrupt("overlapping chunks".into())));
+            if !last.is_some_and(|l| l.same_frame(loc)) {
+                if loc.offset < pos {
+                    // Overlaps the previous frame: not a pack this index describes.
+                    if wanted.contains(&c) {
+                        got.insert(c, Err(Failure::Corrupt("overlapping frames".into())));
+                    }
+                    continue;
                 }
-                continue;
+                std::io::copy(
+                    &mut std::io::Read::take(&mut r, loc.offset - pos),
+                    &mut std::io::sink(),
+                )
+                .map_err(io)?;
+                buf.resize(loc.stored_len as usize, 0);
+                std::io::Read::read_exact(&mut r, &mut buf).map_err(io)?;
+                pos = loc.offset + loc.stored_len as u64;
+                last = Some(loc);
             }
-            std::io::copy(
-                &mut std::io::Read::take(&mut r, loc.offset - pos),
-                &mut std::io::sink(),
-            )
-            .map_err(io)?;
-            buf.resize(loc.stored_len as usize, 0);
-            std::io::Read::read_exact(&mut r, &mut buf).map_err(io)?;
-            pos = loc.offset + loc.stored_len as u64;
-            let outcome = self.decode(loc, Some(&buf));
+            let outcome = self.decode(loc, Some(&buf), &mut frame);
             if let Ok(d) = &outcome {
                 batch_bytes += d.len();
                 batch.push((loc.id, d.clone()));

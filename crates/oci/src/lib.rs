@@ -162,8 +162,12 @@ pub struct RemoteChunk {
     pub pack_size: u64,
     /// A repository of that registry the pack can be read (and mounted) from.
     pub repository: String,
+    /// The frame that holds the chunk, and the chunk's place in it (format v2; a v1
+    /// chunk is alone in its frame).
     pub offset: u64,
     pub stored_len: u32,
+    pub frame_len: u32,
+    pub inner: u32,
     pub len: u32,
     pub raw: bool,
 }

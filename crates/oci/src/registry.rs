@@ -369,14 +369,20 @@ fn parse_remote_chunk(v: &serde_json::Value) -> Result<Option<crate::RemoteChunk
     let bad = |what: &str| OciError::Http(format!("chunk query answer: bad {what}"));
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).ok_or_else(|| bad(k));
     let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).ok_or_else(|| bad(k));
+    let n32 = |k: &str| u32::try_from(n(k)?).map_err(|_| bad(k));
     let pack: Digest = s("pack")?.parse().map_err(|_| bad("pack"))?;
+    let len = n32("uncompressed_len")?;
+    // A registry that predates format v2 names no frame: the chunk is alone in it.
+    let framed = v.get("frame_len").is_some();
     Ok(Some(crate::RemoteChunk {
         pack,
         pack_size: n("pack_size")?,
         repository: s("repository")?.to_string(),
         offset: n("offset")?,
-        stored_len: u32::try_from(n("stored_len")?).map_err(|_| bad("stored_len"))?,
-        len: u32::try_from(n("uncompressed_len")?).map_err(|_| bad("uncompressed_len"))?,
+        stored_len: n32("stored_len")?,
+        frame_len: if framed { n32("frame_len")? } else { len },
+        inner: if framed { n32("inner")? } else { 0 },
+        len,
         raw: v
             .get("raw")
             .and_then(|x| x.as_bool())

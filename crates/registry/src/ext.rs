@@ -111,6 +111,8 @@ impl Registry {
                             pack: d.to_string(),
                             offset: e.offset,
                             stored_len: e.stored_len,
+                            frame_len: e.frame_len,
+                            inner: e.inner,
                             uncompressed_len: e.uncompressed_len,
                             flags: u32::from(e.raw),
                         },
@@ -142,8 +144,12 @@ pub struct ChunkLocation {
     pub pack_size: u64,
     /// A repository the caller may pull the pack from (and mount it from).
     pub repository: String,
+    /// The frame of the pack that holds the chunk (offset, stored and decoded lengths)
+    /// and the chunk's offset in the decoded frame.
     pub offset: u64,
     pub stored_len: u32,
+    pub frame_len: u32,
+    pub inner: u32,
     pub uncompressed_len: u32,
     pub raw: bool,
 }
@@ -257,6 +263,8 @@ async fn answer(
                         repository,
                         offset: h.offset,
                         stored_len: h.stored_len,
+                        frame_len: h.frame_len,
+                        inner: h.inner,
                         uncompressed_len: h.uncompressed_len,
                         raw: h.flags & 1 == 1,
                     }),

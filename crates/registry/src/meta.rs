@@ -48,23 +48,32 @@ pub struct UploadMeta {
     pub started: u64,
 }
 
-/// Where the registry holds a chunk.
+/// Where the registry holds a chunk: the frame of a pack (offset, stored and decoded
+/// lengths, flag bit 0 = raw) and the chunk's place in it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChunkHit {
     pub pack: String,
     pub offset: u64,
     pub stored_len: u32,
+    pub frame_len: u32,
+    pub inner: u32,
     pub uncompressed_len: u32,
     pub flags: u32,
 }
 
+/// Stored-record flag: the frame's length and the chunk's offset in it follow the flags
+/// (records written before format v2 lack them: their chunk is alone in its frame).
+const HIT_FRAMED: u32 = 1 << 31;
+
 impl ChunkHit {
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(96);
+        let mut v = Vec::with_capacity(104);
         v.extend_from_slice(&self.offset.to_le_bytes());
         v.extend_from_slice(&self.stored_len.to_le_bytes());
         v.extend_from_slice(&self.uncompressed_len.to_le_bytes());
-        v.extend_from_slice(&self.flags.to_le_bytes());
+        v.extend_from_slice(&(self.flags | HIT_FRAMED).to_le_bytes());
+        v.extend_from_slice(&self.frame_len.to_le_bytes());
+        v.extend_from_slice(&self.inner.to_le_bytes());
         v.extend_from_slice(self.pack.as_bytes());
         v
     }
@@ -76,14 +85,24 @@ impl ChunkHit {
         let u32at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let mut off = [0u8; 8];
         off.copy_from_slice(&b[..8]);
+        let flags = u32at(16);
+        let len = u32at(12);
+        let (frame_len, inner, rest) = if flags & HIT_FRAMED != 0 {
+            if b.len() < 28 {
+                return Err(bad());
+            }
+            (u32at(20), u32at(24), &b[28..])
+        } else {
+            (len, 0, &b[20..])
+        };
         Ok(ChunkHit {
             offset: u64::from_le_bytes(off),
             stored_len: u32at(8),
-            uncompressed_len: u32at(12),
-            flags: u32at(16),
-            pack: std::str::from_utf8(&b[20..])
-                .map_err(|_| bad())?
-                .to_string(),
+            frame_len,
+            inner,
+            uncompressed_len: len,
+            flags: flags & !HIT_FRAMED,
+            pack: std::str::from_utf8(rest).map_err(|_| bad())?.to_string(),
         })
     }
 }
@@ -697,10 +716,24 @@ mod tests {
             pack: "sha256:ab".into(),
             offset: 1 << 40,
             stored_len: 7,
+            frame_len: 20,
+            inner: 11,
             uncompressed_len: 9,
             flags: 1,
         };
         assert_eq!(ChunkHit::decode(&h.encode()).unwrap(), h);
         assert!(ChunkHit::decode(&[0; 3]).is_err());
+        // A record written before format v2: the chunk alone in its frame.
+        let mut old = Vec::new();
+        old.extend_from_slice(&5u64.to_le_bytes());
+        old.extend_from_slice(&7u32.to_le_bytes());
+        old.extend_from_slice(&9u32.to_le_bytes());
+        old.extend_from_slice(&0u32.to_le_bytes());
+        old.extend_from_slice(b"sha256:ab");
+        let got = ChunkHit::decode(&old).unwrap();
+        assert_eq!(
+            (got.frame_len, got.inner, got.offset, got.pack.as_str()),
+            (9, 0, 5, "sha256:ab")
+        );
     }
 }

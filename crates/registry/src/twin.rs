@@ -378,6 +378,8 @@ impl Store for LocalRepo {
                 repository,
                 offset: h.offset,
                 stored_len: h.stored_len,
+                frame_len: h.frame_len,
+                inner: h.inner,
                 len: h.uncompressed_len,
                 raw: h.flags & 1 == 1,
             }));
