@@ -2,6 +2,10 @@
 //! nydus-image (RAFS v6, zstd, --chunk-dict) and plain OCI layer storage measured in the
 //! same run on the same inputs. Prints a Markdown table and writes JSON.
 //!
+//! With `--format-only` it measures the storage format alone, against the same layers
+//! recompressed whole with zstd -3 (the peer of format v2, issue 12) and their gzip
+//! layers, and against a `--baseline` tessera binary (an earlier build) in the same run.
+//!
 //! Every figure is measured here; nothing is copied from elsewhere. Peak RSS comes from
 //! GNU time (`%M`) around each converter process.
 
@@ -19,7 +23,8 @@ use std::time::Instant;
 #[command(
     about = "tessera conversion and storage benchmark against nydus-image and OCI layers",
     after_help = "Example:
-  cargo run --release -p tessera-bench -- --corpus /var/cache/tessera/corpus --work /var/tmp/tessera-bench"
+  cargo run --release -p tessera-bench -- --corpus /var/cache/tessera/corpus --work /var/tmp/tessera-bench
+  tessera-bench --format-only --baseline /path/to/older/tessera --json bench-format.json"
 )]
 struct Args {
     /// Corpus directory (scripts/corpus.sh output).
@@ -40,6 +45,14 @@ struct Args {
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-convert.json")]
     json: PathBuf,
+    /// Only the storage-format rows: every corpus image converted alone and the corpus in
+    /// one store, against zstd -3 whole layers and gzip layers (no nydus-image needed).
+    #[arg(long)]
+    format_only: bool,
+    /// An earlier tessera binary measured beside this one in the format rows (e.g. a
+    /// build of the commit before a format change).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 /// One measured process run.
@@ -154,6 +167,237 @@ fn nydus_create(nydus: &str, blobs: &Path, boot: &Path) -> Command {
     .arg("-B")
     .arg(boot);
     c
+}
+
+/// The corpus images, in the order they are added to one store.
+const IMAGES: [&str; 7] = [
+    "debian-base",
+    "debian-python",
+    "debian-gcc",
+    "app-pandas-a",
+    "app-pandas-b",
+    "debian-base-rebuilt",
+    "debian-python-rebuilt",
+];
+
+/// Bytes of `path` compressed whole at zstd `level` (streamed: memory stays small).
+fn zstd_whole(path: &Path, level: i32) -> Result<u64> {
+    struct Count(u64);
+    impl Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut enc = zstd::stream::write::Encoder::new(Count(0), level)?;
+    std::io::copy(
+        &mut std::fs::File::open(path).with_context(|| format!("{}", path.display()))?,
+        &mut enc,
+    )?;
+    Ok(enc.finish()?.0)
+}
+
+/// Bytes of an image's gzip layers (from the corpus summary).
+fn gzip_layers(summary: &Value, img: &str) -> u64 {
+    layer_bytes(summary, img, false)
+}
+
+/// The storage-format rows: each image alone, and the corpus in one store, for this
+/// tessera and the baseline, beside zstd -3 whole layers and gzip layers.
+fn format_rows(ctx: &Ctx, baseline: Option<&Path>, summary: &Value) -> Result<(String, Value)> {
+    let mut bins: Vec<(&str, PathBuf)> = vec![("tessera", ctx.tessera.clone())];
+    if let Some(b) = baseline {
+        bins.push(("baseline", b.to_path_buf()));
+    }
+    let mut t = String::new();
+    t.push_str("| image (converted alone) | gzip layers | zstd -3 whole layers | tessera | × zstd whole | × gzip |");
+    if baseline.is_some() {
+        t.push_str(" baseline | tessera / baseline |");
+    }
+    t.push('\n');
+    t.push_str("|---|---:|---:|---:|---:|---:|");
+    if baseline.is_some() {
+        t.push_str("---:|---:|");
+    }
+    t.push('\n');
+    let mut rows = Vec::new();
+    let (mut sum_gzip, mut sum_zstd) = (0u64, 0u64);
+    let mut sums = vec![0u64; bins.len()];
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); bins.len()];
+    for img in IMAGES {
+        eprintln!("format: {img} alone");
+        let layers = extract_archive(
+            &ctx.corpus.join("docker-archive").join(format!("{img}.tar")),
+            &ctx.work.join("layers").join(img),
+        )?;
+        let mut zstd = 0;
+        for l in &layers {
+            zstd += zstd_whole(l, 3)?;
+        }
+        let gzip = gzip_layers(summary, img);
+        let mut stored = Vec::new();
+        for (k, (name, bin)) in bins.iter().enumerate() {
+            let store = ctx.work.join("alone").join(name).join(img);
+            let _ = std::fs::remove_dir_all(&store);
+            let c = Ctx {
+                tessera: bin.clone(),
+                nydus: ctx.nydus.clone(),
+                work: ctx.work.clone(),
+                corpus: ctx.corpus.clone(),
+            };
+            let r = c.ours(&store, img, img, &[])?;
+            let b = dir_bytes(&store.join("blobs"));
+            let _ = std::fs::remove_dir_all(&store);
+            sums[k] += b;
+            runs[k].push(r);
+            stored.push(b);
+        }
+        sum_gzip += gzip;
+        sum_zstd += zstd;
+        t.push_str(&format!(
+            "| {img} | {} | {} | {} | {:.3} | {:.3} |",
+            mb(gzip),
+            mb(zstd),
+            mb(stored[0]),
+            stored[0] as f64 / zstd.max(1) as f64,
+            stored[0] as f64 / gzip.max(1) as f64
+        ));
+        if stored.len() > 1 {
+            t.push_str(&format!(
+                " {} | {:.3} |",
+                mb(stored[1]),
+                stored[0] as f64 / stored[1].max(1) as f64
+            ));
+        }
+        t.push('\n');
+        rows.push(json!({"image": img, "gzip": gzip, "zstd_whole": zstd, "stored": stored}));
+    }
+    t.push_str(&format!(
+        "| **all 7, each alone** | {} | {} | {} | **{:.3}** (target ≤ 1.03) | **{:.3}** (target ≤ 0.85) |",
+        mb(sum_gzip),
+        mb(sum_zstd),
+        mb(sums[0]),
+        sums[0] as f64 / sum_zstd.max(1) as f64,
+        sums[0] as f64 / sum_gzip.max(1) as f64
+    ));
+    if sums.len() > 1 {
+        t.push_str(&format!(
+            " {} | {:.3} |",
+            mb(sums[1]),
+            sums[0] as f64 / sums[1].max(1) as f64
+        ));
+    }
+    t.push('\n');
+    // The corpus in one store, each image deduplicated against the ones before.
+    let mut uniq = BTreeSet::new();
+    let mut oci_unique = 0u64;
+    for i in summary["images"].as_array().into_iter().flatten() {
+        for l in i["layers"].as_array().into_iter().flatten() {
+            if uniq.insert(l["digest"].as_str().unwrap_or_default().to_string()) {
+                oci_unique += l["size"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    let mut input = 0u64;
+    for img in IMAGES {
+        input += uncompressed_bytes(summary, img);
+    }
+    let mut corpus = Vec::new();
+    let mut conv = Vec::new();
+    for (name, bin) in &bins {
+        eprintln!("format: the corpus in one store ({name})");
+        let store = ctx.work.join("one-store").join(name);
+        let _ = std::fs::remove_dir_all(&store);
+        let c = Ctx {
+            tessera: bin.clone(),
+            nydus: ctx.nydus.clone(),
+            work: ctx.work.clone(),
+            corpus: ctx.corpus.clone(),
+        };
+        let (mut secs, mut rss) = (0.0, 0u64);
+        for (i, img) in IMAGES.iter().enumerate() {
+            let r = c.ours(&store, img, img, &IMAGES[..i])?;
+            secs += r.seconds;
+            rss = rss.max(r.max_rss_kb);
+        }
+        corpus.push(dir_bytes(&store.join("blobs")));
+        conv.push(Run {
+            seconds: secs,
+            max_rss_kb: rss,
+        });
+        let _ = std::fs::remove_dir_all(&store);
+    }
+    t.push_str(&format!(
+        "\n| figure | tessera |{} target |\n|---|---:|{}---|\n",
+        if bins.len() > 1 {
+            " baseline | tessera / baseline |"
+        } else {
+            ""
+        },
+        if bins.len() > 1 { "---:|---:|" } else { "" }
+    ));
+    let cell = |v: &[f64], f: &dyn Fn(f64) -> String| -> String {
+        if v.len() > 1 {
+            format!("{} | {} | {:.3} |", f(v[0]), f(v[1]), v[0] / v[1].max(1e-9))
+        } else {
+            format!("{} |", f(v[0]))
+        }
+    };
+    t.push_str(&format!(
+        "| all 7 corpus images, one store (× unique gzip layers {}) | {} ≤ 0.65× |\n",
+        mb(oci_unique),
+        cell(
+            &corpus
+                .iter()
+                .map(|&b| b as f64 / oci_unique as f64)
+                .collect::<Vec<_>>(),
+            &|x| format!("{x:.3}×")
+        )
+    ));
+    let alone_secs: Vec<f64> = runs
+        .iter()
+        .map(|r| r.iter().map(|x| x.seconds).sum())
+        .collect();
+    t.push_str(&format!(
+        "| conversion throughput, each image alone (MB/s of uncompressed layers) | {} within ±5% of baseline |\n",
+        cell(
+            &alone_secs.iter().map(|s| input as f64 / 1e6 / s.max(1e-9)).collect::<Vec<_>>(),
+            &|x| format!("{x:.0}")
+        )
+    ));
+    t.push_str(&format!(
+        "| conversion throughput, one store (MB/s) | {} within ±5% of baseline |\n",
+        cell(
+            &conv
+                .iter()
+                .map(|r| input as f64 / 1e6 / r.seconds.max(1e-9))
+                .collect::<Vec<_>>(),
+            &|x| format!("{x:.0}")
+        )
+    ));
+    let rss: Vec<f64> = runs
+        .iter()
+        .zip(&conv)
+        .map(|(r, c)| {
+            r.iter()
+                .map(|x| x.max_rss_kb)
+                .max()
+                .unwrap_or(0)
+                .max(c.max_rss_kb) as f64
+                / 1024.0
+        })
+        .collect();
+    t.push_str(&format!(
+        "| peak RSS of a conversion (MiB) | {} within ±5% of baseline |\n",
+        cell(&rss, &|x| format!("{x:.0}"))
+    ));
+    let j = json!({"alone": rows, "alone_total": sums, "gzip_total": sum_gzip, "zstd_whole_total": sum_zstd,
+                   "one_store": corpus, "oci_unique_gzip": oci_unique, "input_uncompressed": input,
+                   "alone_seconds": alone_secs, "one_store_runs": conv, "peak_rss_mib": rss});
+    Ok((t, j))
 }
 
 struct Ctx {
@@ -383,6 +627,25 @@ fn main() -> Result<()> {
             tessera.display()
         );
     }
+    if args.format_only {
+        let summary = read_json(&args.corpus.join("summary.json"))
+            .context("corpus summary (run scripts/corpus.sh)")?;
+        std::fs::create_dir_all(&args.work)?;
+        let ctx = Ctx {
+            tessera,
+            nydus: args.nydus_image.clone(),
+            work: args.work.clone(),
+            corpus: args.corpus.clone(),
+        };
+        let (table, j) = format_rows(&ctx, args.baseline.as_deref(), &summary)?;
+        println!("{table}");
+        std::fs::write(
+            &args.json,
+            serde_json::to_vec_pretty(&json!({"format": j, "table_markdown": table}))?,
+        )?;
+        eprintln!("JSON written to {}", args.json.display());
+        return Ok(());
+    }
     if Command::new(&args.nydus_image)
         .arg("--version")
         .output()
@@ -440,15 +703,7 @@ fn main() -> Result<()> {
     results.insert("pairs".into(), Value::Array(pair_json));
 
     // 2. All corpus images in one store.
-    let images = [
-        "debian-base",
-        "debian-python",
-        "debian-gcc",
-        "app-pandas-a",
-        "app-pandas-b",
-        "debian-base-rebuilt",
-        "debian-python-rebuilt",
-    ];
+    let images = IMAGES;
     let all = ctx.work.join("all");
     let _ = std::fs::remove_dir_all(&all);
     let store = all.join("tessera");

@@ -6,23 +6,21 @@
 //! now the process's ([`DEFAULT_BUDGET`]), and chunks are keyed by id, so images that
 //! share a chunk share its copy.
 
-use std::collections::{HashMap, VecDeque};
+use lru::LruCache;
 use std::sync::{Arc, Mutex};
 use tessera_format::Digest;
 
 /// Bytes of chunks kept in memory by one process, all mounts together.
 pub const DEFAULT_BUDGET: u64 = 16 << 20;
 
-/// Verified chunks by id, oldest first out, bounded in bytes.
+/// Verified chunks by id, least recently used first out, bounded in bytes.
 pub struct ChunkMemory {
     budget: u64,
     inner: Mutex<Lru>,
 }
 
-#[derive(Default)]
 struct Lru {
-    map: HashMap<Digest, Arc<[u8]>>,
-    order: VecDeque<Digest>,
+    map: LruCache<Digest, Arc<[u8]>>,
     bytes: u64,
 }
 
@@ -30,33 +28,37 @@ impl ChunkMemory {
     pub fn new(budget: u64) -> ChunkMemory {
         ChunkMemory {
             budget,
-            inner: Mutex::new(Lru::default()),
+            inner: Mutex::new(Lru {
+                map: LruCache::unbounded(),
+                bytes: 0,
+            }),
         }
     }
 
+    /// The chunk `id`, if held; a hit makes it the most recently used.
     pub fn get(&self, id: &Digest) -> Option<Arc<[u8]>> {
         self.lock().map.get(id).cloned()
     }
 
+    /// Whether `id` is held (recency unchanged).
     pub fn contains(&self, id: &Digest) -> bool {
-        self.lock().map.contains_key(id)
+        self.lock().map.contains(id)
     }
 
-    /// Keep `data` (verified: its id is `id`), dropping the oldest chunks beyond the budget.
+    /// Keep `data` (verified: its id is `id`), dropping the least recently used chunks
+    /// beyond the budget.
     pub fn put(&self, id: &Digest, data: &Arc<[u8]>) {
         let mut r = self.lock();
-        if r.map.insert(*id, data.clone()).is_some() {
+        if r.map.get(id).is_some() {
             return;
         }
-        r.order.push_back(*id);
+        r.map.put(*id, data.clone());
         r.bytes += data.len() as u64;
         while r.bytes > self.budget {
-            let Some(old) = r.order.pop_front() else {
+            let Some((_, d)) = r.map.pop_lru() else {
                 break;
             };
-            if let Some(d) = r.map.remove(&old) {
-                r.bytes -= d.len() as u64;
-            }
+            r.bytes -= d.len() as u64;
         }
     }
 
@@ -96,8 +98,27 @@ mod tests {
         assert_eq!(m.bytes(), 3000);
         m.put(&d.0, &d.1);
         assert_eq!(m.bytes(), 3000);
-        assert!(!m.contains(&a.0), "the oldest chunk stayed past the budget");
+        // `a` was put again (used again), so `b` is now the least recently used.
+        assert!(!m.contains(&b.0), "the oldest chunk stayed past the budget");
         assert!(m.get(&d.0).is_some_and(|x| x[..] == d.1[..]));
-        assert!(m.contains(&b.0) && m.contains(&c.0));
+        assert!(m.contains(&a.0) && m.contains(&c.0));
+    }
+
+    #[test]
+    fn a_chunk_read_again_outlives_older_ones() {
+        let m = ChunkMemory::new(3000);
+        let chunk = |b: u8| -> (Digest, Arc<[u8]>) {
+            let d: Arc<[u8]> = vec![b; 1000].into();
+            (Digest::of(&d), d)
+        };
+        let (a, b, c, d) = (chunk(1), chunk(2), chunk(3), chunk(4));
+        for (id, data) in [&a, &b, &c] {
+            m.put(id, data);
+        }
+        assert!(m.get(&a.0).is_some());
+        m.put(&d.0, &d.1);
+        assert!(m.contains(&a.0), "a chunk just read was dropped first");
+        assert!(!m.contains(&b.0));
+        assert_eq!(m.bytes(), 3000);
     }
 }
